@@ -1,0 +1,284 @@
+"""The optax-compatible API: `scale_by_amsgrad` and `amsgrad` (with `step`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pallas_amsgrad import _kernel, _math, _validation
+
+StepFn = Callable[[optax.Updates, optax.OptState, optax.Params], tuple[Any, Any]]
+
+
+class GradientTransformationWithStep(optax.GradientTransformationExtraArgs):
+    """An optax transformation that also offers the fused `step`.
+
+    `step(grads, state, params) -> (new_params, new_state)` applies the update
+    to the params inside the kernel's single pass, instead of `update` then
+    `optax.apply_updates` (an extra read and write of params and updates).
+    Jit it with `donate_argnums` for the state and params to update in place.
+    """
+
+    step: StepFn
+
+    def __new__(cls, init, update, step):
+        transformation = super().__new__(cls, init, update)
+        transformation.step = step
+        return transformation
+
+
+class _Hyperparams(NamedTuple):
+    b1: jax.typing.ArrayLike
+    b2: jax.typing.ArrayLike
+    eps: jax.typing.ArrayLike
+    eps_root: jax.typing.ArrayLike
+    mu_dtype: jnp.dtype | None
+    bias_correction_mu: bool
+    bias_correction_nu: bool
+    implementation: str | None
+    block_sizes: _kernel.BlockSizes | None
+
+
+@functools.partial(jax.jit, inline=True)
+def _bias_correction(decay, count):
+    # Jitted with decay traced, exactly as optax's tree_bias_correction.
+    return 1 - decay**count
+
+
+def _leaf_dtypes(grad, mu, nu, nu_max, hp: _Hyperparams, step_size, is_schedule):
+    """optax's dtypes for (update, mu, nu, nu_max), and the compute dtype.
+
+    Written out from jnp's promotion of each of optax's expressions, with the
+    hyperparameters as given (a Python float is weakly typed).
+    """
+    mu_new = jnp.result_type(1 - hp.b1, grad, hp.b1, mu)  # (1-b1)*g + b1*mu
+    nu_new = jnp.result_type(1 - hp.b2, grad, hp.b2, nu)  # (1-b2)*g**2 + b2*nu
+    nu_max_new = jnp.result_type(nu_max, nu_new)  # maximum(nu_max, nu/bc)
+    update = jnp.result_type(mu_new, nu_max_new, hp.eps_root, hp.eps)
+    if step_size is not None and not is_schedule:  # A schedule is cast first.
+        update = jnp.result_type(step_size, update)
+    mu_state = hp.mu_dtype or mu_new
+    compute = jnp.result_type(update, mu_new, nu_new, nu_max_new, jnp.float32)
+    return (update, mu_state, nu_new, nu_max_new), compute
+
+
+def _fused_update(grads, state, params, step_size, is_schedule, hp: _Hyperparams):
+    """(updates or new params, new ScaleByAmsgradState) for a whole pytree."""
+    checked = {"state.mu": state.mu, "state.nu": state.nu, "state.nu_max": state.nu_max}
+    if params is not None:
+        checked["params"] = params
+    _validation.check_trees(grads, checked)
+
+    count = optax.safe_increment(state.count)
+    corrections = (
+        _bias_correction(hp.b1, count) if hp.bias_correction_mu else 1,
+        _bias_correction(hp.b2, count) if hp.bias_correction_nu else 1,
+    )
+    implementation = hp.implementation
+    if implementation is None:
+        implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
+
+    treedef = jax.tree.structure(grads)
+    flat_params = [None] * treedef.num_leaves
+    if params is not None:
+        flat_params = treedef.flatten_up_to(params)
+    results = []
+    for grad, mu, nu, nu_max, param in zip(
+        jax.tree.leaves(grads),
+        *(treedef.flatten_up_to(t) for t in (state.mu, state.nu, state.nu_max)),
+        flat_params,
+        strict=True,
+    ):
+        out_dtypes, compute = _leaf_dtypes(grad, mu, nu, nu_max, hp, step_size, is_schedule)
+        if param is not None:
+            out_dtypes = (param.dtype, *out_dtypes[1:])
+            compute = jnp.result_type(compute, param.dtype)
+        coefficients = _math.Coefficients(
+            step_size=1 if step_size is None else step_size,
+            one_minus_b1=1 - hp.b1,
+            b1=hp.b1,
+            one_minus_b2=1 - hp.b2,
+            b2=hp.b2,
+            eps=hp.eps,
+            eps_root=hp.eps_root,
+            bias_correction_mu=corrections[0],
+            bias_correction_nu=corrections[1],
+        )
+        coefficients = jnp.stack([jnp.asarray(c).astype(compute) for c in coefficients])
+        leaf = _kernel.amsgrad_leaf if implementation == "pallas" else _xla_leaf
+        results.append(
+            leaf(
+                coefficients,
+                grad,
+                mu,
+                nu,
+                nu_max,
+                param,
+                out_dtypes=out_dtypes,
+                block_sizes=hp.block_sizes,
+            )
+        )
+    first, mu, nu, nu_max = (
+        treedef.unflatten([leaf_results[i] for leaf_results in results]) for i in range(4)
+    )
+    return first, optax.ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+
+def _xla_leaf(coefficients, grad, mu, nu, nu_max, param, *, out_dtypes, block_sizes):
+    """The same block math on whole arrays; XLA fuses it into one loop."""
+    del block_sizes
+    dtype = coefficients.dtype
+    update, *moments = _math.amsgrad_block(
+        *(x.astype(dtype) for x in (grad, mu, nu, nu_max)), list(coefficients)
+    )
+    if param is not None:
+        update = param.astype(dtype) + update
+    return tuple(x.astype(d) for x, d in zip((update, *moments), out_dtypes, strict=True))
+
+
+def _init_state(params, mu_dtype) -> optax.ScaleByAmsgradState:
+    """optax's state, built from shapes alone (works on ShapeDtypeStructs)."""
+
+    def zeros(p, dtype=None):
+        return jnp.zeros(jnp.shape(p), dtype or p.dtype)
+
+    return optax.ScaleByAmsgradState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(lambda p: zeros(p, mu_dtype), params),
+        nu=jax.tree.map(zeros, params),
+        nu_max=jax.tree.map(zeros, params),
+    )
+
+
+def _hyperparams(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu,
+                 bias_correction_nu, implementation, block_sizes) -> _Hyperparams:
+    for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
+        _validation.check_scalar(name, value)
+    _validation.check_implementation(implementation)
+    if block_sizes is not None and not isinstance(block_sizes, _kernel.BlockSizes):
+        raise TypeError(f"block_sizes={block_sizes!r} must be a BlockSizes or None")
+    return _Hyperparams(
+        b1, b2, eps, eps_root, _validation.canonical_mu_dtype(mu_dtype),
+        bool(bias_correction_mu), bool(bias_correction_nu), implementation, block_sizes,
+    )
+
+
+def scale_by_amsgrad(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    mu_dtype: Any | None = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    implementation: str | None = None,
+    block_sizes: _kernel.BlockSizes | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescale updates by AMSGrad, fused: `optax.scale_by_amsgrad`'s drop-in.
+
+    Args:
+      b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu:
+        as in `optax.scale_by_amsgrad`.
+      implementation: "pallas" (the fused kernel; interpreted on CPU), "xla"
+        (the same math as one XLA fusion), or None: pallas on TPU/GPU, xla on
+        CPU.
+      block_sizes: overrides the kernel's per-platform default block sizes.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs` whose state is
+      `optax.ScaleByAmsgradState`.
+    """
+    hp = _hyperparams(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu,
+                      bias_correction_nu, implementation, block_sizes)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        return _fused_update(updates, state, None, None, False, hp)
+
+    return optax.GradientTransformationExtraArgs(
+        lambda params: _init_state(params, hp.mu_dtype), update_fn
+    )
+
+
+def amsgrad(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    mu_dtype: Any | None = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    implementation: str | None = None,
+    block_sizes: _kernel.BlockSizes | None = None,
+) -> GradientTransformationWithStep:
+    """The AMSGrad optimizer, fused: a drop-in for `optax.amsgrad`.
+
+    `init` returns optax's state exactly (`(ScaleByAmsgradState, EmptyState())`,
+    or `ScaleByScheduleState` for a schedule), so checkpoints move both ways.
+
+    Args:
+      learning_rate: a scalar or a schedule of the step count.
+      b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu:
+        as in `optax.amsgrad`.
+      implementation: "pallas", "xla" or None (see `scale_by_amsgrad`).
+      block_sizes: overrides the kernel's per-platform default block sizes.
+
+    Returns:
+      A `GradientTransformationWithStep`: optax's `init`/`update`, plus `step`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import pallas_amsgrad
+      >>> opt = pallas_amsgrad.amsgrad(learning_rate=0.003)
+      >>> params = jnp.array([1.0, 2.0, 3.0])
+      >>> state = opt.init(params)
+      >>> params, state = opt.step(2 * params, state, params)
+      >>> params
+      Array([0.997, 1.997, 2.997], dtype=float32)
+    """
+    _validation.check_learning_rate(learning_rate)
+    hp = _hyperparams(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu,
+                      bias_correction_nu, implementation, block_sizes)
+    is_schedule = callable(learning_rate)
+
+    def init_fn(params):
+        lr_state = (
+            optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+            if is_schedule
+            else optax.EmptyState()
+        )
+        return (_init_state(params, hp.mu_dtype), lr_state)
+
+    def step_size_and_lr_state(state):
+        amsgrad_state, lr_state = state
+        if is_schedule:  # Evaluated at its own count, before the increment.
+            step_size = -1 * learning_rate(lr_state.count)
+            lr_state = optax.ScaleByScheduleState(count=optax.safe_increment(lr_state.count))
+        else:
+            step_size = -1 * learning_rate
+        return amsgrad_state, step_size, lr_state
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args  # The update does not depend on them.
+        amsgrad_state, step_size, lr_state = step_size_and_lr_state(state)
+        updates, amsgrad_state = _fused_update(
+            updates, amsgrad_state, None, step_size, is_schedule, hp
+        )
+        return updates, (amsgrad_state, lr_state)
+
+    def step_fn(grads, state, params):
+        amsgrad_state, step_size, lr_state = step_size_and_lr_state(state)
+        new_params, amsgrad_state = _fused_update(
+            grads, amsgrad_state, params, step_size, is_schedule, hp
+        )
+        return new_params, (amsgrad_state, lr_state)
+
+    return GradientTransformationWithStep(init_fn, update_fn, step_fn)

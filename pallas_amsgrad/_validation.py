@@ -1,0 +1,97 @@
+"""Trace-time checks: bad input raises naming the leaf and the value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = (None, "pallas", "xla")
+
+
+def check_implementation(implementation: Any) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}"
+        )
+
+
+def check_scalar(name: str, value: Any) -> None:
+    """A hyperparameter must be a real scalar (Python number or 0-d array)."""
+    if isinstance(value, bool) or not (
+        isinstance(value, int | float | np.number | np.ndarray | jax.Array)
+    ):
+        raise TypeError(f"{name}={value!r} must be a scalar number")
+    if jnp.ndim(value) != 0:
+        raise TypeError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+    dtype = jnp.result_type(value)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{name}={value!r} must be a real number, got dtype {dtype}")
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+    if callable(learning_rate):
+        return
+    try:
+        check_scalar("learning_rate", learning_rate)
+    except TypeError as error:
+        raise TypeError(f"{error}, or a schedule (a callable of the step count)") from None
+
+
+def canonical_mu_dtype(mu_dtype: Any) -> jnp.dtype | None:
+    if mu_dtype is None:
+        return None
+    try:
+        dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
+    except TypeError:
+        raise TypeError(f"mu_dtype={mu_dtype!r} is not a dtype") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"mu_dtype={mu_dtype!r} must be a floating-point dtype")
+    return dtype
+
+
+def _leaves_with_paths(name: str, tree: Any, treedef) -> list[tuple[str, Any]]:
+    """(path, leaf) pairs of `tree`, which must have the structure `treedef`."""
+    try:
+        leaves = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{name} does not have the structure of the gradients: {error}"
+        ) from None
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        treedef.unflatten(leaves))[0]]
+    return list(zip(paths, leaves, strict=True))
+
+
+def check_trees(grads: Any, trees: dict[str, Any]) -> None:
+    """Every tree matches `grads` in structure and shapes; all leaves real floats.
+
+    Args:
+      grads: the gradient pytree, the reference structure.
+      trees: name -> pytree (e.g. "state.mu", "params") checked against it.
+    """
+    grad_paths, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    for path, grad in grad_paths:
+        _check_float_leaf(f"grads{jax.tree_util.keystr(path)}", grad)
+    for name, tree in trees.items():
+        for (path, leaf), (_, grad) in zip(
+            _leaves_with_paths(name, tree, treedef), grad_paths, strict=True
+        ):
+            _check_float_leaf(f"{name}{path}", leaf)
+            if jnp.shape(leaf) != jnp.shape(grad):
+                raise ValueError(
+                    f"{name}{path} has shape {jnp.shape(leaf)} but the gradient "
+                    f"has shape {jnp.shape(grad)}"
+                )
+
+
+def _check_float_leaf(name: str, leaf: Any) -> None:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+        raise TypeError(
+            f"{name} has dtype {dtype} (shape {jnp.shape(leaf)}); AMSGrad here "
+            f"takes real floating-point leaves only, not {kind}"
+        )

@@ -1,0 +1,106 @@
+"""All hypothesis strategies of the suite, named as plural nouns.
+
+Sizes stay small: the Pallas interpreter's cost grows with grid steps times
+array size. `MAX_LEAF_SIZE` bounds every leaf.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from hypothesis import strategies as st
+
+import amsgrad_spec as spec
+
+MAX_LEAF_SIZE = int(os.environ.get("PALLAS_AMSGRAD_TEST_MAX_LEAF_SIZE", "3000"))
+STEPS = 3  # At least three consecutive steps, one of them with a zero gradient.
+
+# Shapes that stress the (rows, 128) layout: scalars, size 1, sizes that are
+# not multiples of 128 or of 8 x 128, exact multiples, and empty leaves.
+EDGE_SHAPES = [(), (1,), (7,), (127,), (128,), (129,), (3, 5), (8, 128), (17, 130), (0,), (2, 0)]
+
+
+def _shape_fits(shape) -> bool:
+    return math.prod(shape) <= MAX_LEAF_SIZE
+
+
+shapes = st.one_of(
+    st.sampled_from(EDGE_SHAPES),
+    st.lists(st.integers(1, 64), min_size=1, max_size=3).map(tuple).filter(_shape_fits),
+)
+
+param_shapes = st.lists(shapes, min_size=2, max_size=5)
+"""Leaf shapes of a parameter tree; at least two leaves (see test_spec)."""
+
+
+def as_tree(leaves):
+    """A nested pytree (dict, list, tuple) over a flat list of leaves."""
+    head, *rest = leaves
+    return {"embed": head, "blocks": [tuple(rest[: len(rest) // 2]), {"w": rest[len(rest) // 2 :]}]}
+
+
+@st.composite
+def trajectories(draw, dtype, shapes_strategy=param_shapes, steps=STEPS):
+    """(params, [grads per step]) with one step's gradient exactly zero.
+
+    Values span several binades so tiny and large moments both occur.
+    """
+    leaf_shapes = draw(shapes_strategy)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    zero_step = draw(st.integers(0, steps - 1))
+    scale = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+
+    def sample(shape, s):
+        magnitudes = np.exp(rng.uniform(-4, 2, shape))
+        return jnp.asarray(s * magnitudes * rng.choice([-1.0, 1.0], shape), dtype)
+
+    params = as_tree([sample(shape, 1.0) for shape in leaf_shapes])
+    grads = []
+    for step in range(steps):
+        g = [sample(shape, scale * (step != zero_step)) for shape in leaf_shapes]
+        grads.append(as_tree(g))
+    return params, grads
+
+
+def _piecewise_schedule(base):
+    return optax.piecewise_constant_schedule(base, {1: 0.5, 2: 3.0})
+
+
+@st.composite
+def hyperparams(draw, mu_dtype=None, learning_rates=("constant", "schedule")):
+    """spec.Hyperparams over both bias-correction flags, eps_root, lr kinds."""
+    lr = draw(st.sampled_from([1e-3, 0.1]))
+    kind = draw(st.sampled_from(learning_rates))
+    return spec.Hyperparams(
+        learning_rate=_piecewise_schedule(lr) if kind == "schedule" else lr,
+        b1=draw(st.sampled_from([0.9, 0.5])),
+        b2=draw(st.sampled_from([0.999, 0.95])),
+        eps=draw(st.sampled_from([1e-8, 1e-3])),
+        eps_root=draw(st.sampled_from([0.0, 1e-6])),
+        mu_dtype=mu_dtype,
+        bias_correction_mu=draw(st.booleans()),
+        bias_correction_nu=draw(st.booleans()),
+    )
+
+
+def optax_kwargs(hp: spec.Hyperparams) -> dict:
+    """The keyword arguments of optax.amsgrad / pallas_amsgrad.amsgrad for hp."""
+    return {
+        "learning_rate": hp.learning_rate,
+        "b1": hp.b1,
+        "b2": hp.b2,
+        "eps": hp.eps,
+        "eps_root": hp.eps_root,
+        "mu_dtype": hp.mu_dtype,
+        "bias_correction_mu": hp.bias_correction_mu,
+        "bias_correction_nu": hp.bias_correction_nu,
+    }
+
+
+PARAM_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+MU_DTYPES = [None, jnp.bfloat16, jnp.float16, jnp.float32]

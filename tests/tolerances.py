@@ -1,0 +1,142 @@
+"""Every tolerance of the suite, per dtype, and the ULP arithmetic behind them.
+
+Errors are counted in ULPs (units in the last place) of the output's own dtype,
+after the dtypes themselves have been asserted equal.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import amsgrad_spec as spec
+
+# Kernel (interpret) and XLA path vs the spec, one step from the same state.
+# All three compute in float32 (float64 for float64 leaves) with the same
+# operations; they differ where XLA turns `x / broadcast(c)` into
+# `x * (1 / c)`: up to 1.5 ULP in mu / bc1 and 1 ULP in nu_max (0.5 after the
+# sqrt), which the final division and step-size product carry into the update
+# (3 ULPs seen). A 16-bit output can flip its final rounding by 1 ULP.
+IMPLEMENTATION_ULPS = {
+    "float64": 4,
+    "float32": 4,
+    "bfloat16": 1,
+    "float16": 1,
+}
+
+# Spec vs optax for 16-bit leaves, where optax rounds every intermediate to the
+# leaf dtype and the spec rounds once. Counted at the magnitude of the summands
+# (see `summand_scale`), so cancellation in mu = (1-b1) g + b1 mu does not turn
+# a rounding of the terms into an unbounded relative error. Measured maxima over
+# the suite's draws were 3 (bfloat16) and 3 (float16); the bound leaves room.
+SPEC_VS_OPTAX_ULPS = {
+    "bfloat16": 6,
+    "float16": 6,
+}
+
+
+def _ordered_ints(x: np.ndarray) -> np.ndarray:
+    """Maps floats to integers whose order and spacing are the floats' ULPs."""
+    width = x.dtype.itemsize * 8
+    bits = x.view(f"int{width}").astype(np.int64)
+    sign_mask = np.int64(1) << (width - 1)
+    return np.where(bits < 0, -(bits & (sign_mask - 1)), bits)
+
+
+def ulp_distance(actual, expected) -> np.ndarray:
+    """Elementwise ULPs between two arrays of one dtype; NaN == NaN is 0."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    actual, expected = np.atleast_1d(actual), np.atleast_1d(expected)
+    distance = np.abs(_ordered_ints(actual) - _ordered_ints(expected)).astype(np.float64)
+    a_nan = np.isnan(actual.astype(np.float64))
+    e_nan = np.isnan(expected.astype(np.float64))
+    distance[a_nan & e_nan] = 0
+    distance[a_nan ^ e_nan] = np.inf
+    return distance
+
+
+def ulp_at(magnitude, dtype) -> np.ndarray:
+    """The spacing of `dtype` at |magnitude| (the subnormal spacing near 0)."""
+    finfo = jnp.finfo(dtype)
+    magnitude = np.abs(np.asarray(magnitude, np.float64))
+    exponent = np.floor(np.log2(np.maximum(magnitude, float(finfo.smallest_normal))))
+    return np.exp2(exponent - finfo.nmant)
+
+
+def scaled_ulp_error(actual, expected, scale) -> np.ndarray:
+    """|actual - expected| in ULPs of their dtype at max(|expected|, scale)."""
+    dtype = np.asarray(actual).dtype
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    both_nan = np.isnan(a) & np.isnan(e)
+    same_inf = np.isinf(a) & (a == e)
+    with np.errstate(invalid="ignore"):
+        error = np.abs(a - e) / ulp_at(np.maximum(np.abs(e), np.abs(scale)), dtype)
+    error = np.where(both_nan | same_inf, 0.0, error)
+    return np.where(np.isnan(error), np.inf, error)
+
+
+def summand_scales(grads, state, params, hp):
+    """Magnitudes against which (updates, state, params) errors are counted.
+
+    The same spec step on |g| and |mu|, where no term can cancel, gives the
+    size of the summands behind each output; a new param's is |p| + |u|. An
+    error of one rounding of a summand is then one ULP at that scale, however
+    much the summands cancel in the result.
+    """
+    updates, new_state = spec.update(
+        jax.tree.map(jnp.abs, grads), state._replace(mu=jax.tree.map(jnp.abs, state.mu)), hp
+    )
+    param_scales = jax.tree.map(
+        lambda p, u: jnp.abs(p).astype(jnp.float32) + jnp.abs(u).astype(jnp.float32),
+        params,
+        updates,
+    )
+    return updates, tuple(new_state), param_scales
+
+
+def assert_trees_ulp_close(
+    actual, expected, max_ulps: dict[str, int], context="", scales=None
+):
+    """Structure and dtypes exactly, then every leaf within its dtype's ULPs.
+
+    With `scales` (a tree like `expected`), ULPs are counted at
+    max(|expected|, scale); see `summand_scales`.
+    """
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), context
+    scale_leaves = [None] * len(jax.tree.leaves(expected))
+    if scales is not None:
+        scale_leaves = jax.tree.leaves(scales)
+    for path_and_a, e, scale in zip(
+        jax.tree_util.tree_flatten_with_path(actual)[0],
+        jax.tree.leaves(expected),
+        scale_leaves,
+        strict=True,
+    ):
+        path, a = path_and_a
+        where = f"{context}{jax.tree_util.keystr(path)}"
+        assert a.dtype == e.dtype, f"{where}: dtype {a.dtype} != {e.dtype}"
+        assert a.shape == e.shape, f"{where}: shape {a.shape} != {e.shape}"
+        if a.size == 0:
+            continue
+        if not jnp.issubdtype(a.dtype, jnp.inexact):  # The step count.
+            np.testing.assert_array_equal(a, e, err_msg=where)
+            continue
+        if scale is None:
+            worst = ulp_distance(a, e).max()
+        else:
+            worst = scaled_ulp_error(a, e, scale).max()
+        bound = max_ulps[jnp.dtype(a.dtype).name]
+        assert worst <= bound, (
+            f"{where}: {worst} ULPs > {bound}; actual {a.ravel()[:4]}, "
+            f"expected {e.ravel()[:4]}"
+        )
+
+
+def assert_trees_equal(actual, expected, context=""):
+    """Structure, dtypes, shapes and bits all equal (NaN equal to NaN)."""
+    assert_trees_ulp_close(
+        actual, expected, dict.fromkeys(IMPLEMENTATION_ULPS, 0), context
+    )
