@@ -174,7 +174,8 @@ def _amsgrad_pallas(
         compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel",))
     elements = rows * LANES
     bytes_moved = elements * (
-        sum(a.dtype.itemsize for a in arrays) + sum(np.dtype(d).itemsize for d in out_dtypes)
+        sum(a.dtype.itemsize for a in arrays)
+        + sum(np.dtype(d).itemsize for d in out_dtypes)
     )
     return pl.pallas_call(
         functools.partial(

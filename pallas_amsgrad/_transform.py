@@ -94,7 +94,9 @@ def _fused_update(grads, state, params, step_size, is_schedule, hp: _Hyperparams
         flat_params,
         strict=True,
     ):
-        out_dtypes, compute = _leaf_dtypes(grad, mu, nu, nu_max, hp, step_size, is_schedule)
+        out_dtypes, compute = _leaf_dtypes(
+            grad, mu, nu, nu_max, hp, step_size, is_schedule
+        )
         if param is not None:
             out_dtypes = (param.dtype, *out_dtypes[1:])
             compute = jnp.result_type(compute, param.dtype)
@@ -124,7 +126,8 @@ def _fused_update(grads, state, params, step_size, is_schedule, hp: _Hyperparams
             )
         )
     first, mu, nu, nu_max = (
-        treedef.unflatten([leaf_results[i] for leaf_results in results]) for i in range(4)
+        treedef.unflatten([leaf_results[i] for leaf_results in results])
+        for i in range(4)
     )
     return first, optax.ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
@@ -138,7 +141,9 @@ def _xla_leaf(coefficients, grad, mu, nu, nu_max, param, *, out_dtypes, block_si
     )
     if param is not None:
         update = param.astype(dtype) + update
-    return tuple(x.astype(d) for x, d in zip((update, *moments), out_dtypes, strict=True))
+    return tuple(
+        x.astype(d) for x, d in zip((update, *moments), out_dtypes, strict=True)
+    )
 
 
 def _init_state(params, mu_dtype) -> optax.ScaleByAmsgradState:
@@ -155,16 +160,32 @@ def _init_state(params, mu_dtype) -> optax.ScaleByAmsgradState:
     )
 
 
-def _hyperparams(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu,
-                 bias_correction_nu, implementation, block_sizes) -> _Hyperparams:
+def _hyperparams(
+    b1,
+    b2,
+    eps,
+    eps_root,
+    mu_dtype,
+    bias_correction_mu,
+    bias_correction_nu,
+    implementation,
+    block_sizes,
+) -> _Hyperparams:
     for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
         _validation.check_scalar(name, value)
     _validation.check_implementation(implementation)
     if block_sizes is not None and not isinstance(block_sizes, _kernel.BlockSizes):
         raise TypeError(f"block_sizes={block_sizes!r} must be a BlockSizes or None")
     return _Hyperparams(
-        b1, b2, eps, eps_root, _validation.canonical_mu_dtype(mu_dtype),
-        bool(bias_correction_mu), bool(bias_correction_nu), implementation, block_sizes,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        _validation.canonical_mu_dtype(mu_dtype),
+        bool(bias_correction_mu),
+        bool(bias_correction_nu),
+        implementation,
+        block_sizes,
     )
 
 
@@ -194,8 +215,17 @@ def scale_by_amsgrad(
       An `optax.GradientTransformationExtraArgs` whose state is
       `optax.ScaleByAmsgradState`.
     """
-    hp = _hyperparams(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu,
-                      bias_correction_nu, implementation, block_sizes)
+    hp = _hyperparams(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        bias_correction_mu,
+        bias_correction_nu,
+        implementation,
+        block_sizes,
+    )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -245,8 +275,17 @@ def amsgrad(
       Array([0.997, 1.997, 2.997], dtype=float32)
     """
     _validation.check_learning_rate(learning_rate)
-    hp = _hyperparams(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu,
-                      bias_correction_nu, implementation, block_sizes)
+    hp = _hyperparams(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        bias_correction_mu,
+        bias_correction_nu,
+        implementation,
+        block_sizes,
+    )
     is_schedule = callable(learning_rate)
 
     def init_fn(params):
@@ -261,7 +300,9 @@ def amsgrad(
         amsgrad_state, lr_state = state
         if is_schedule:  # Evaluated at its own count, before the increment.
             step_size = -1 * learning_rate(lr_state.count)
-            lr_state = optax.ScaleByScheduleState(count=optax.safe_increment(lr_state.count))
+            lr_state = optax.ScaleByScheduleState(
+                count=optax.safe_increment(lr_state.count)
+            )
         else:
             step_size = -1 * learning_rate
         return amsgrad_state, step_size, lr_state

@@ -37,7 +37,9 @@ def check_learning_rate(learning_rate: Any) -> None:
     try:
         check_scalar("learning_rate", learning_rate)
     except TypeError as error:
-        raise TypeError(f"{error}, or a schedule (a callable of the step count)") from None
+        raise TypeError(
+            f"{error}, or a schedule (a callable of the step count)"
+        ) from None
 
 
 def canonical_mu_dtype(mu_dtype: Any) -> jnp.dtype | None:
@@ -60,8 +62,10 @@ def _leaves_with_paths(name: str, tree: Any, treedef) -> list[tuple[str, Any]]:
         raise ValueError(
             f"{name} does not have the structure of the gradients: {error}"
         ) from None
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        treedef.unflatten(leaves))[0]]
+    paths = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(treedef.unflatten(leaves))[0]
+    ]
     return list(zip(paths, leaves, strict=True))
 
 

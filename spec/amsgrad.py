@@ -195,7 +195,9 @@ def _exact_step(grads, state, hp):
     if hp.learning_rate is not None:
         step_size = step_size_at(hp.learning_rate, state.count)
     treedef = jax.tree.structure(grads)
-    moments = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)]
+    moments = [
+        treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)
+    ]
     leaves = [
         _leaf_exact(g, m, n, v, corrections, step_size, hp)
         for g, m, n, v in zip(jax.tree.leaves(grads), *moments, strict=True)
@@ -208,7 +210,10 @@ def _rounded_state(treedef, leaves, count, hp) -> AmsgradState:
 
     def rounded(index, dtype_override=None):
         return treedef.unflatten(
-            [values[index].astype(dtype_override or dtypes[index]) for values, dtypes in leaves]
+            [
+                values[index].astype(dtype_override or dtypes[index])
+                for values, dtypes in leaves
+            ]
         )
 
     return AmsgradState(
@@ -226,7 +231,9 @@ def update(grads, state: AmsgradState, hp: Hyperparams):
     (no step size, no sign flip).
     """
     treedef, leaves, count = _exact_step(grads, state, hp)
-    updates = treedef.unflatten([values[0].astype(dtypes[0]) for values, dtypes in leaves])
+    updates = treedef.unflatten(
+        [values[0].astype(dtypes[0]) for values, dtypes in leaves]
+    )
     return updates, _rounded_state(treedef, leaves, count, hp)
 
 

@@ -21,7 +21,19 @@ STEPS = 3  # At least three consecutive steps, one of them with a zero gradient.
 
 # Shapes that stress the (rows, 128) layout: scalars, size 1, sizes that are
 # not multiples of 128 or of 8 x 128, exact multiples, and empty leaves.
-EDGE_SHAPES = [(), (1,), (7,), (127,), (128,), (129,), (3, 5), (8, 128), (17, 130), (0,), (2, 0)]
+EDGE_SHAPES = [
+    (),
+    (1,),
+    (7,),
+    (127,),
+    (128,),
+    (129,),
+    (3, 5),
+    (8, 128),
+    (17, 130),
+    (0,),
+    (2, 0),
+]
 
 
 def _shape_fits(shape) -> bool:
@@ -40,7 +52,10 @@ param_shapes = st.lists(shapes, min_size=2, max_size=5)
 def as_tree(leaves):
     """A nested pytree (dict, list, tuple) over a flat list of leaves."""
     head, *rest = leaves
-    return {"embed": head, "blocks": [tuple(rest[: len(rest) // 2]), {"w": rest[len(rest) // 2 :]}]}
+    return {
+        "embed": head,
+        "blocks": [tuple(rest[: len(rest) // 2]), {"w": rest[len(rest) // 2 :]}],
+    }
 
 
 @st.composite

@@ -11,21 +11,25 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+import strategies
+import tolerances
 from hypothesis import given, note
 from hypothesis import strategies as st
 
 import amsgrad_spec as spec
 import pallas_amsgrad
-import strategies
-import tolerances
 
 IMPLEMENTATIONS = ["pallas", "xla"]
-block_sizes = st.sampled_from([None, pallas_amsgrad.BlockSizes(16), pallas_amsgrad.BlockSizes(32)])
+block_sizes = st.sampled_from(
+    [None, pallas_amsgrad.BlockSizes(16), pallas_amsgrad.BlockSizes(32)]
+)
 
 
 def check_against_spec(implementation, params, grads, hp, block_sizes=None):
     opt = pallas_amsgrad.amsgrad(
-        **strategies.optax_kwargs(hp), implementation=implementation, block_sizes=block_sizes
+        **strategies.optax_kwargs(hp),
+        implementation=implementation,
+        block_sizes=block_sizes,
     )
     state = opt.init(params)
     reference = optax.amsgrad(**strategies.optax_kwargs(hp)).init(params)
@@ -41,7 +45,9 @@ def check_against_spec(implementation, params, grads, hp, block_sizes=None):
         expected_updates, expected_state = spec.update(g, spec_state, hp)
         expected_params, _ = spec.step(g, spec_state, params, hp)
         context = f"step {i}: "
-        tolerances.assert_trees_equal(step_state, new_state, context + "step vs update state: ")
+        tolerances.assert_trees_equal(
+            step_state, new_state, context + "step vs update state: "
+        )
         tolerances.assert_trees_ulp_close(
             (updates, tuple(new_state[0]), new_params),
             (expected_updates, tuple(expected_state), expected_params),
@@ -53,8 +59,12 @@ def check_against_spec(implementation, params, grads, hp, block_sizes=None):
 
 
 @given(data=st.data())
-@pytest.mark.parametrize("mu_dtype", strategies.MU_DTYPES, ids=lambda d: f"mu={d and jnp.dtype(d).name}")
-@pytest.mark.parametrize("dtype", strategies.PARAM_DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+    "mu_dtype", strategies.MU_DTYPES, ids=lambda d: f"mu={d and jnp.dtype(d).name}"
+)
+@pytest.mark.parametrize(
+    "dtype", strategies.PARAM_DTYPES, ids=lambda d: jnp.dtype(d).name
+)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_matches_spec(implementation, dtype, mu_dtype, data):
     params, grads = data.draw(strategies.trajectories(dtype))
@@ -69,7 +79,9 @@ def test_matches_spec(implementation, dtype, mu_dtype, data):
 def test_float64_matches_spec(implementation, data):
     with jax.enable_x64(True):
         params, grads = data.draw(strategies.trajectories(jnp.float64))
-        hp = data.draw(strategies.hyperparams(data.draw(st.sampled_from([None, jnp.float32]))))
+        hp = data.draw(
+            strategies.hyperparams(data.draw(st.sampled_from([None, jnp.float32])))
+        )
         check_against_spec(implementation, params, grads, hp)
 
 
@@ -77,22 +89,35 @@ def test_float64_matches_spec(implementation, data):
 @pytest.mark.parametrize("shape", strategies.EDGE_SHAPES, ids=str)
 def test_edge_shapes(implementation, shape):
     """Scalars, size 1, ragged and empty leaves, padding never leaking."""
-    params = {"x": jnp.linspace(-2, 2, max(1, int(jnp.prod(jnp.array(shape))))).reshape(-1)[: int(jnp.prod(jnp.array(shape)))].reshape(shape)}
-    grads = [jax.tree.map(lambda p, s=s: jnp.sin(p * (3 + s)) * (s != 1), params) for s in range(3)]
-    check_against_spec(implementation, params, grads, spec.Hyperparams(learning_rate=0.01))
+    params = {
+        "x": jnp.linspace(-2, 2, max(1, int(jnp.prod(jnp.array(shape)))))
+        .reshape(-1)[: int(jnp.prod(jnp.array(shape)))]
+        .reshape(shape)
+    }
+    grads = [
+        jax.tree.map(lambda p, s=s: jnp.sin(p * (3 + s)) * (s != 1), params)
+        for s in range(3)
+    ]
+    check_against_spec(
+        implementation, params, grads, spec.Hyperparams(learning_rate=0.01)
+    )
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_nan_and_inf_propagate_as_in_spec(implementation):
     grads = jnp.array([1.0, jnp.nan, jnp.inf, -jnp.inf, 0.5, 0.0, 2.0, -3.0])
     params = jnp.ones_like(grads)
-    check_against_spec(implementation, params, [grads, grads * 0.5, grads], spec.Hyperparams(0.1))
+    check_against_spec(
+        implementation, params, [grads, grads * 0.5, grads], spec.Hyperparams(0.1)
+    )
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_scale_by_amsgrad_matches_spec(implementation):
     params = {"a": jnp.linspace(-1, 1, 300).reshape(3, 100), "b": jnp.ones(5)}
-    opt = pallas_amsgrad.scale_by_amsgrad(b1=0.8, eps_root=1e-7, implementation=implementation)
+    opt = pallas_amsgrad.scale_by_amsgrad(
+        b1=0.8, eps_root=1e-7, implementation=implementation
+    )
     state = opt.init(params)
     tolerances.assert_trees_equal(state, optax.scale_by_amsgrad().init(params))
     spec_state = spec.init(params)
@@ -102,5 +127,7 @@ def test_scale_by_amsgrad_matches_spec(implementation):
         updates, state = jax.jit(opt.update)(grads, state)
         expected, spec_state = spec.update(grads, spec_state, hp)
         tolerances.assert_trees_ulp_close(
-            (updates, tuple(state)), (expected, tuple(spec_state)), tolerances.IMPLEMENTATION_ULPS
+            (updates, tuple(state)),
+            (expected, tuple(spec_state)),
+            tolerances.IMPLEMENTATION_ULPS,
         )

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import strategies
+import tolerances
 from hypothesis import given, note
 from hypothesis import strategies as st
 
 import amsgrad_spec as spec
-import strategies
-import tolerances
 
 
 def optax_state_of(spec_state: spec.AmsgradState) -> optax.ScaleByAmsgradState:
@@ -61,9 +63,21 @@ class TestHandWorked:
     # Step 2: mu=-0.1+0.9*0.05=-0.055, nu=0.001+0.999*0.00025=0.00124975,
     #   bc1=0.19, bc2=0.001999, nu_eff=0.6251875937969069=nu_max,
     #   u=-0.1*(-0.055/0.19)/(sqrt(0.6251875937969069)+1e-8)=0.0366103522405654.
-    EXPECTED = [
-        dict(mu=0.05, nu=0.00025, nu_max=0.25, update=-0.0999999980000001, param=0.9000000019999999),
-        dict(mu=-0.055, nu=0.00124975, nu_max=0.6251875937969069, update=0.0366103522405654, param=0.9366103542405653),
+    EXPECTED: typing.ClassVar = [
+        dict(
+            mu=0.05,
+            nu=0.00025,
+            nu_max=0.25,
+            update=-0.0999999980000001,
+            param=0.9000000019999999,
+        ),
+        dict(
+            mu=-0.055,
+            nu=0.00124975,
+            nu_max=0.6251875937969069,
+            update=0.0366103522405654,
+            param=0.9366103542405653,
+        ),
     ]
 
     # In float32, 1 - b2**t loses the digits of b2 = 0.999 that float32 cannot
@@ -76,13 +90,22 @@ class TestHandWorked:
             state = spec.init(params)
             for grad, expected in zip([0.5, -1.0], self.EXPECTED, strict=True):
                 updates, new_state = spec.update(jnp.asarray(grad, dtype), state, hp)
-                params, step_state = spec.step(jnp.asarray(grad, dtype), state, params, hp)
+                params, step_state = spec.step(
+                    jnp.asarray(grad, dtype), state, params, hp
+                )
                 state = new_state
                 assert step_state.count == state.count
-                for name, value in [("mu", state.mu), ("nu", state.nu), ("nu_max", state.nu_max),
-                                    ("update", updates), ("param", params)]:
+                for name, value in [
+                    ("mu", state.mu),
+                    ("nu", state.nu),
+                    ("nu_max", state.nu_max),
+                    ("update", updates),
+                    ("param", params),
+                ]:
                     assert value.dtype == jnp.dtype(dtype), name
-                    np.testing.assert_allclose(float(value), expected[name], rtol=rtol, err_msg=name)
+                    np.testing.assert_allclose(
+                        float(value), expected[name], rtol=rtol, err_msg=name
+                    )
             assert state.count.dtype == jnp.int32 and int(state.count) == 2
 
     def test_count_saturates_at_int32_max(self):
@@ -95,7 +118,9 @@ class TestHandWorked:
 
 
 @given(data=st.data())
-@pytest.mark.parametrize("mu_dtype", [None, jnp.float32], ids=["mu=param", "mu=float32"])
+@pytest.mark.parametrize(
+    "mu_dtype", [None, jnp.float32], ids=["mu=param", "mu=float32"]
+)
 def test_float32_equals_optax_bitwise(mu_dtype, data):
     """Updates, state and applied params equal optax's bit for bit."""
     params, grads = data.draw(strategies.trajectories(jnp.float32))
@@ -109,13 +134,17 @@ def test_float32_equals_optax_bitwise(mu_dtype, data):
 
 
 @given(data=st.data())
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
-@pytest.mark.parametrize("mu_dtype", strategies.MU_DTYPES, ids=lambda d: f"mu={d and jnp.dtype(d).name}")
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"]
+)
+@pytest.mark.parametrize(
+    "mu_dtype", [None, jnp.float32], ids=["mu=param", "mu=float32"]
+)
 def test_low_precision_within_ulps_of_optax(dtype, mu_dtype, data):
     """One step from the same state: dtypes exact, values within the ULP bound.
 
-    optax's float16 NaN for eps that rounds to 0 is excluded here (the spec
-    returns 0 there; see test_spec_avoids_optax_float16_nan).
+    optax's float16 NaN/inf where its intermediates leave float16's range is
+    excluded here (see test_spec_avoids_optax_float16_nan).
     """
     params, grads = data.draw(strategies.trajectories(dtype))
     hp = data.draw(strategies.hyperparams(mu_dtype))
@@ -125,25 +154,50 @@ def test_low_precision_within_ulps_of_optax(dtype, mu_dtype, data):
     for step, g in enumerate(grads):
         spec_updates, spec_state = spec.update(g, state, hp)
         optax_updates, (optax_state, _) = opt.update(
-            g, (optax_state_of(state), opt.init(params)[1]._replace(**(
-                {"count": state.count} if callable(hp.learning_rate) else {}))), params)
+            g,
+            (
+                optax_state_of(state),
+                opt.init(params)[1]._replace(
+                    **({"count": state.count} if callable(hp.learning_rate) else {})
+                ),
+            ),
+            params,
+        )
         # Scale: the same step on |g| and |mu|, where no term can cancel.
         magnitude_updates, magnitude_state = spec.update(
-            jax.tree.map(jnp.abs, g), state._replace(mu=jax.tree.map(jnp.abs, state.mu)), hp)
+            jax.tree.map(jnp.abs, g),
+            state._replace(mu=jax.tree.map(jnp.abs, state.mu)),
+            hp,
+        )
         for name, a, e, scale in [
             ("updates", spec_updates, optax_updates, magnitude_updates),
             ("mu", spec_state.mu, optax_state.mu, magnitude_state.mu),
             ("nu", spec_state.nu, optax_state.nu, magnitude_state.nu),
             ("nu_max", spec_state.nu_max, optax_state.nu_max, magnitude_state.nu_max),
         ]:
-            for x, y, s in zip(jax.tree.leaves(a), jax.tree.leaves(e), jax.tree.leaves(scale), strict=True):
+            for x, y, s in zip(
+                jax.tree.leaves(a),
+                jax.tree.leaves(e),
+                jax.tree.leaves(scale),
+                strict=True,
+            ):
                 assert x.dtype == y.dtype, (name, x.dtype, y.dtype)
                 if x.size == 0:
                     continue
                 error = tolerances.scaled_ulp_error(x, y, s)
-                optax_nan = np.isnan(np.asarray(y, np.float64)) & ~np.isnan(np.asarray(x, np.float64))
-                error = np.where(optax_nan & (jnp.dtype(dtype) == jnp.float16), 0, error)
-                bound = tolerances.SPEC_VS_OPTAX_ULPS[jnp.dtype(x.dtype).name] if jnp.dtype(x.dtype).itemsize == 2 else 1
+                # float16: optax's intermediates leave the range (eps=1e-8 is 0,
+                # so a zero gradient gives 0/0) where the spec's do not.
+                optax_non_finite = ~np.isfinite(
+                    np.asarray(y, np.float64)
+                ) & np.isfinite(np.asarray(x, np.float64))
+                error = np.where(
+                    optax_non_finite & (jnp.dtype(dtype) == jnp.float16), 0, error
+                )
+                bound = (
+                    tolerances.SPEC_VS_OPTAX_ULPS[jnp.dtype(x.dtype).name]
+                    if jnp.dtype(x.dtype).itemsize == 2
+                    else 1
+                )
                 assert error.max() <= bound, f"step {step} {name}: {error.max()} ULPs"
         state = spec_state
 
@@ -160,8 +214,20 @@ def test_spec_avoids_optax_float16_nan():
     assert spec_updates.dtype == jnp.float16
 
 
+def widen(tree):
+    """Floating leaves to float64 (the step count stays int32); under x64."""
+    return jax.tree.map(
+        lambda x: (
+            jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        ),
+        tree,
+    )
+
+
 @given(data=st.data())
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"]
+)
 def test_spec_at_least_as_accurate_as_optax(dtype, data):
     """Against a float64 ground truth over a tree, the spec's max and mean
     errors (in ULPs of the output dtype) are no larger than optax's."""
@@ -172,23 +238,29 @@ def test_spec_at_least_as_accurate_as_optax(dtype, data):
     spec_errors, optax_errors = [], []
     for g in grads:
         spec_updates, spec_state = spec.update(g, state, hp)
-        optax_updates, (optax_state, _) = opt.update(g, (optax_state_of(state), optax.EmptyState()))
+        optax_updates, (optax_state, _) = opt.update(
+            g, (optax_state_of(state), optax.EmptyState())
+        )
         with jax.enable_x64(True):
-            wide = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)  # noqa: E731
-            truth_updates, truth_state = spec.update(wide(g), jax.tree.map(
-                lambda x: x if x.dtype == jnp.int32 else jnp.asarray(x, jnp.float64), state), hp)
-            truth = [np.asarray(x) for x in jax.tree.leaves((truth_updates, truth_state[1:]))]
-        for errors, result in [(spec_errors, (spec_updates, spec_state[1:])),
-                               (optax_errors, (optax_updates, tuple(optax_state)[1:]))]:
+            truth_updates, truth_state = spec.update(widen(g), widen(state), hp)
+            truth = [
+                np.asarray(x) for x in jax.tree.leaves((truth_updates, truth_state[1:]))
+            ]
+        for errors, result in [
+            (spec_errors, (spec_updates, spec_state[1:])),
+            (optax_errors, (optax_updates, tuple(optax_state)[1:])),
+        ]:
             for x, t in zip(jax.tree.leaves(result), truth, strict=True):
-                if x.size:
-                    errors.append(tolerances.scaled_ulp_error(x, t.astype(x.dtype), 0).ravel()
-                                  if False else
-                                  np.abs(np.asarray(x, np.float64) - t).ravel() / tolerances.ulp_at(t, x.dtype).ravel())
+                error = np.abs(np.asarray(x, np.float64) - t) / tolerances.ulp_at(
+                    t, x.dtype
+                )
+                errors.append(error.ravel())
         state = spec_state
     spec_all = np.nan_to_num(np.concatenate(spec_errors), nan=np.inf)
     optax_all = np.nan_to_num(np.concatenate(optax_errors), nan=np.inf)
-    note(f"spec max {spec_all.max()} mean {spec_all.mean()}; optax max {optax_all.max()} mean {optax_all.mean()}")
+    note(
+        f"spec max {spec_all.max()} mean {spec_all.mean()}; optax max {optax_all.max()} mean {optax_all.mean()}"
+    )
     assert spec_all.max() <= optax_all.max()
     assert spec_all.mean() <= optax_all.mean()
 
@@ -196,7 +268,10 @@ def test_spec_at_least_as_accurate_as_optax(dtype, data):
 def test_complex_leaf_matches_optax():
     """|g|^2 for complex gradients, as optax (the spec mirrors it there too)."""
     params = {"c": jnp.array([1 + 2j, -0.5j, 3.0], jnp.complex64), "r": jnp.ones(2)}
-    grads = {"c": jnp.array([0.5 - 1j, 2 + 0j, -1j], jnp.complex64), "r": jnp.full(2, 0.25)}
+    grads = {
+        "c": jnp.array([0.5 - 1j, 2 + 0j, -1j], jnp.complex64),
+        "r": jnp.full(2, 0.25),
+    }
     hp = spec.Hyperparams(learning_rate=0.01)
     expected = run_optax(hp, params, [grads, grads])
     actual = run_spec(hp, params, [grads, grads])

@@ -49,7 +49,9 @@ def ulp_distance(actual, expected) -> np.ndarray:
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     actual, expected = np.atleast_1d(actual), np.atleast_1d(expected)
-    distance = np.abs(_ordered_ints(actual) - _ordered_ints(expected)).astype(np.float64)
+    distance = np.abs(_ordered_ints(actual) - _ordered_ints(expected)).astype(
+        np.float64
+    )
     a_nan = np.isnan(actual.astype(np.float64))
     e_nan = np.isnan(expected.astype(np.float64))
     distance[a_nan & e_nan] = 0
@@ -87,7 +89,9 @@ def summand_scales(grads, state, params, hp):
     much the summands cancel in the result.
     """
     updates, new_state = spec.update(
-        jax.tree.map(jnp.abs, grads), state._replace(mu=jax.tree.map(jnp.abs, state.mu)), hp
+        jax.tree.map(jnp.abs, grads),
+        state._replace(mu=jax.tree.map(jnp.abs, state.mu)),
+        hp,
     )
     param_scales = jax.tree.map(
         lambda p, u: jnp.abs(p).astype(jnp.float32) + jnp.abs(u).astype(jnp.float32),
@@ -140,3 +144,25 @@ def assert_trees_equal(actual, expected, context=""):
     assert_trees_ulp_close(
         actual, expected, dict.fromkeys(IMPLEMENTATION_ULPS, 0), context
     )
+
+
+# Integration checks (optax.chain, MultiSteps, inject_hyperparams, checkpoints
+# moved between implementations) compare trajectories, where last-bit
+# differences compound and cancel over steps: errors are normwise, relative to
+# each leaf's largest magnitude. Wiring mistakes are off by far more.
+NORMWISE_RTOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
+
+
+def assert_trees_normwise_close(actual, expected, context=""):
+    """Structure and dtypes exactly, then |a - e| <= rtol * max|e| per leaf."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), context
+    for (path, a), e in zip(
+        jax.tree_util.tree_flatten_with_path(actual)[0],
+        jax.tree.leaves(expected),
+        strict=True,
+    ):
+        where = f"{context}{jax.tree_util.keystr(path)}"
+        assert a.dtype == e.dtype, f"{where}: dtype {a.dtype} != {e.dtype}"
+        a64, e64 = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        bound = NORMWISE_RTOL[jnp.dtype(a.dtype).name] * np.max(np.abs(e64), initial=0)
+        np.testing.assert_allclose(a64, e64, rtol=0, atol=bound, err_msg=where)

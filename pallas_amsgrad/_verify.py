@@ -1,0 +1,233 @@
+"""`pallas-amsgrad verify`: kernel, XLA path, spec and optax, side by side.
+
+Every configuration of param dtype x mu_dtype runs N steps (one with a zero
+gradient) on a model-shaped pytree. Each step starts every contender from the
+same state and is compared with the spec, in ULPs of the output dtype counted
+at the magnitude of the summands (so cancellation in mu = (1-b1) g + b1 mu does
+not inflate a last-bit difference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import amsgrad_spec as spec
+from pallas_amsgrad import _transform
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+MU_DTYPES = (None, "bfloat16", "float16", "float32")
+
+# Largest error, in ULPs, that passes. tests/tolerances.py derives 4 (float32)
+# and 1 (16-bit outputs) for IEEE arithmetic; here the backend runs as
+# deployed, and XLA:CPU and GPUs contract a*b + c into FMAs wherever a fusion
+# allows, each saving a rounding the spec makes: float32 gets 8.
+IMPLEMENTATION_ULPS = {"float32": 8, "float64": 8, "bfloat16": 1, "float16": 1}
+# optax rounds intermediates to the narrowest dtype of the configuration (e.g.
+# b1 * mu in a bfloat16 mu), so its error is counted in that dtype's ULPs.
+OPTAX_ULPS = {"float32": 8, "float64": 8, "bfloat16": 6, "float16": 6}
+
+
+def default_params(seed: int = 0) -> dict[str, np.ndarray]:
+    """Leaf shapes of a two-layer transformer (d_model 64, vocab 1000)."""
+    shapes = {
+        "embed": (1000, 64),
+        "position": (128, 64),
+        "final_norm.scale": (64,),
+        "head.bias": (1000,),
+        "temperature": (),
+    }
+    for layer in range(2):
+        shapes |= {
+            f"layer{layer}.norm.scale": (64,),
+            f"layer{layer}.attention.qkv": (64, 192),
+            f"layer{layer}.attention.qkv_bias": (192,),
+            f"layer{layer}.attention.out": (64, 64),
+            f"layer{layer}.mlp.up": (64, 256),
+            f"layer{layer}.mlp.up_bias": (256,),
+            f"layer{layer}.mlp.down": (256, 64),
+        }
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.normal(0, 0.05, shape).astype(np.float32)
+        for name, shape in shapes.items()
+    }
+
+
+@dataclasses.dataclass
+class Row:
+    params: str
+    mu_dtype: str
+    contender: str
+    max_ulps: float
+    bound: int
+    passed: bool
+    note: str = ""
+
+
+def _ulps(actual, expected, scale, dtype=None) -> float:
+    dtype = jnp.dtype(dtype or actual.dtype)
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    if a.size == 0:
+        return 0.0
+    finfo = jnp.finfo(dtype)
+    magnitude = np.maximum(np.abs(e), np.abs(np.asarray(scale, np.float64)))
+    exponent = np.floor(np.log2(np.maximum(magnitude, float(finfo.smallest_normal))))
+    with np.errstate(invalid="ignore"):
+        error = np.abs(a - e) / np.exp2(exponent - finfo.nmant)
+    agree = (np.isnan(a) & np.isnan(e)) | (np.isinf(a) & (a == e))
+    error = np.where(agree, 0.0, error)
+    return float(np.nan_to_num(error, nan=np.inf).max())
+
+
+def _worst(
+    actual_tree, expected_tree, scale_tree, dtype=None
+) -> tuple[float, str, int]:
+    """(max ULPs, dtype they are counted in, elements NaN here but not in spec)."""
+    worst, worst_dtype, new_nans = 0.0, dtype or "float32", 0
+    for a, e, s in zip(
+        *(jax.tree.leaves(t) for t in (actual_tree, expected_tree, scale_tree)),
+        strict=True,
+    ):
+        if a.dtype != e.dtype:
+            raise AssertionError(f"dtype {a.dtype} != spec's {e.dtype}")
+        nan_here = np.isnan(np.asarray(a, np.float64)) & ~np.isnan(
+            np.asarray(e, np.float64)
+        )
+        new_nans += int(nan_here.sum())
+        keep = ~nan_here if dtype is not None else np.ones_like(nan_here)
+        # optax's known NaNs are reported, not counted.
+        ulps = _ulps(
+            np.asarray(a, np.float64)[keep],
+            np.asarray(e, np.float64)[keep],
+            np.broadcast_to(np.asarray(s, np.float64), keep.shape)[keep],
+            dtype or a.dtype,
+        )
+        if ulps >= worst:
+            worst, worst_dtype = ulps, jnp.dtype(dtype or a.dtype).name
+    return worst, worst_dtype, new_nans
+
+
+def verify(
+    params=None,
+    steps: int = 3,
+    learning_rate: float = 1e-3,
+    implementations=("pallas", "xla"),
+) -> list[Row]:
+    """Runs the comparison grid; returns one row per configuration and contender."""
+    params = default_params() if params is None else params
+    rows = []
+    for param_dtype, mu_name in itertools.product(PARAM_DTYPES, MU_DTYPES):
+        mu_dtype = None if mu_name is None else jnp.dtype(mu_name)
+        typed = jax.tree.map(lambda p, d=param_dtype: jnp.asarray(p, d), params)
+        hp = spec.Hyperparams(learning_rate, mu_dtype=mu_dtype)
+        contenders = {
+            impl: _transform.amsgrad(
+                learning_rate, mu_dtype=mu_dtype, implementation=impl
+            )
+            for impl in implementations
+        }
+        updates_fns = {name: jax.jit(opt.update) for name, opt in contenders.items()}
+        step_fns = {name: jax.jit(opt.step) for name, opt in contenders.items()}
+        optax_update = jax.jit(optax.amsgrad(learning_rate, mu_dtype=mu_dtype).update)
+        narrowest = min(
+            (param_dtype, mu_name or param_dtype), key=lambda d: jnp.finfo(d).bits
+        )
+        worst = {name: (0.0, "float32", 0) for name in [*contenders, "optax"]}
+        state = spec.init(typed, mu_dtype)
+        rng = np.random.default_rng(1)
+        for step in range(steps):
+            zero = step == steps // 2
+            grads = jax.tree.map(
+                lambda p, z=zero, rng=rng: jnp.asarray(
+                    rng.normal(0, 0.01, p.shape) * (not z), p.dtype
+                ),
+                typed,
+            )
+            expected = spec.update(grads, state, hp)
+            expected_params, _ = spec.step(grads, state, typed, hp)
+            scale_updates, scale_state = spec.update(
+                jax.tree.map(jnp.abs, grads),
+                state._replace(mu=jax.tree.map(jnp.abs, state.mu)),
+                hp,
+            )
+            scale_params = jax.tree.map(
+                lambda p, u: (
+                    jnp.abs(p).astype(jnp.float32) + jnp.abs(u).astype(jnp.float32)
+                ),
+                typed,
+                scale_updates,
+            )
+            scales = (scale_updates, tuple(scale_state)[1:], scale_params)
+            optax_state = (optax.ScaleByAmsgradState(*state), optax.EmptyState())
+            for name in contenders:
+                updates, new_state = updates_fns[name](grads, optax_state, typed)
+                new_params, _ = step_fns[name](grads, optax_state, typed)
+                got = (updates, tuple(new_state[0])[1:], new_params)
+                want = (expected[0], tuple(expected[1])[1:], expected_params)
+                worst[name] = _combine(worst[name], _worst(got, want, scales))
+            optax_updates, (optax_new, _) = optax_update(grads, optax_state, typed)
+            worst["optax"] = _combine(
+                worst["optax"],
+                _worst(
+                    (optax_updates, tuple(optax_new)[1:]),
+                    (expected[0], tuple(expected[1])[1:]),
+                    scales[:2],
+                    dtype=narrowest,
+                ),
+            )
+            state = expected[1]
+        for name, (ulps, dtype, nans) in worst.items():
+            bounds = OPTAX_ULPS if name == "optax" else IMPLEMENTATION_ULPS
+            note = f"{nans} NaN where the spec is finite" if nans else ""
+            if nans and name == "optax":
+                note += " (float16 eps=1e-8 rounds to 0: 0/0)"
+            passed = ulps <= bounds[dtype] and (not nans or name == "optax")
+            if (
+                name == "optax"
+                and jnp.finfo(narrowest).bits < jnp.finfo(param_dtype).bits
+            ):
+                # optax computes b1 * mu in the narrower mu_dtype; no bound is claimed.
+                note, passed = (
+                    (note + " reference only: optax rounds b1*mu to mu_dtype").strip(),
+                    True,
+                )
+            rows.append(
+                Row(
+                    param_dtype,
+                    mu_name or "param",
+                    name,
+                    ulps,
+                    bounds[dtype],
+                    passed,
+                    note,
+                )
+            )
+    return rows
+
+
+def _combine(a, b):
+    return (*max(a[:2], b[:2]), a[2] + b[2])
+
+
+def format_table(rows: list[Row], backend: str) -> str:
+    header = f"{'params':<9} {'mu_dtype':<9} {'vs spec':<8} {'max ULPs':>9} {'bound':>6}  result"
+    lines = [
+        f"pallas-amsgrad verify on {backend} (jax {jax.__version__})",
+        header,
+        "-" * len(header),
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.params:<9} {r.mu_dtype:<9} {r.contender:<8} {r.max_ulps:>9.3g} {r.bound:>6}  "
+            f"{'pass' if r.passed else 'FAIL'}  {r.note}".rstrip()
+        )
+    failed = sum(not r.passed for r in rows)
+    lines.append(f"{len(rows) - failed} passed, {failed} failed")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Bad input: clear errors naming the leaf and the value, at trace time."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_amsgrad
+
+
+@pytest.fixture(params=["pallas", "xla"])
+def opt(request):
+    return pallas_amsgrad.amsgrad(0.1, implementation=request.param)
+
+
+def params():
+    return {"layer": {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}}
+
+
+def test_mismatched_grad_shape_names_the_leaf(opt):
+    state = opt.init(params())
+    grads = {"layer": {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}}
+    with pytest.raises(
+        ValueError,
+        match=r"state\.mu\['layer'\]\['b'\] has shape \(3,\) but the gradient has shape \(4,\)",
+    ):
+        jax.jit(opt.update).trace(grads, state)
+
+
+def test_mismatched_tree_structure(opt):
+    state = opt.init(params())
+    grads = {"layer": {"w": jnp.ones((4, 3))}}
+    with pytest.raises(
+        ValueError, match=r"state\.mu does not have the structure of the gradients"
+    ):
+        opt.update(grads, state)
+
+
+def test_mismatched_params_in_step(opt):
+    state = opt.init(params())
+    bad_params = {"layer": {"w": jnp.ones((4, 3)), "b": jnp.zeros(5)}}
+    with pytest.raises(ValueError, match=r"params\['layer'\]\['b'\] has shape \(5,\)"):
+        opt.step(params(), state, bad_params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64], ids=str)
+def test_non_float_gradient_leaf(opt, dtype):
+    state = opt.init(params())
+    grads = {"layer": {"w": jnp.ones((4, 3), dtype), "b": jnp.zeros(3)}}
+    with pytest.raises(
+        TypeError, match=rf"grads\['layer'\]\['w'\] has dtype {jnp.dtype(dtype).name}"
+    ):
+        opt.update(grads, state)
+
+
+def test_integer_param_leaf(opt):
+    int_params = {"layer": {"w": jnp.ones((4, 3), jnp.int32), "b": jnp.zeros(3)}}
+    state = opt.init(params())
+    with pytest.raises(TypeError, match=r"params\['layer'\]\['w'\] has dtype int32"):
+        opt.step(params(), state, int_params)
+
+
+@pytest.mark.parametrize("mu_dtype", [jnp.int8, "not-a-dtype", jnp.complex64], ids=str)
+def test_mu_dtype_must_be_float(mu_dtype):
+    with pytest.raises(TypeError, match="mu_dtype="):
+        pallas_amsgrad.amsgrad(0.1, mu_dtype=mu_dtype)
+
+
+@pytest.mark.parametrize("learning_rate", ["0.1", jnp.ones(3), None, True], ids=repr)
+def test_learning_rate_scalar_or_callable(learning_rate):
+    with pytest.raises(TypeError, match="learning_rate"):
+        pallas_amsgrad.amsgrad(learning_rate)
+
+
+def test_unknown_implementation():
+    with pytest.raises(ValueError, match=r"implementation='triton' is not one of"):
+        pallas_amsgrad.amsgrad(0.1, implementation="triton")
+
+
+@pytest.mark.parametrize("name", ["b1", "b2", "eps", "eps_root"])
+def test_hyperparameters_must_be_scalars(name):
+    with pytest.raises(TypeError, match=name):
+        pallas_amsgrad.amsgrad(0.1, **{name: jnp.ones(2)})
+
+
+@pytest.mark.parametrize("block_rows", [0, -16, 8, 100, 16.0])
+def test_block_sizes_validated(block_rows):
+    with pytest.raises(
+        ValueError, match=r"block_rows=.* must be a positive multiple of 16"
+    ):
+        pallas_amsgrad.BlockSizes(block_rows)
+
+
+def test_block_too_big_for_gpu_shared_memory():
+    opt = pallas_amsgrad.amsgrad(
+        0.1, implementation="pallas", block_sizes=pallas_amsgrad.BlockSizes(1024)
+    )
+    # update: grad, mu, nu, nu_max in; update, mu, nu, nu_max out; float32:
+    # 1024 rows x 128 lanes x 8 arrays x 4 bytes = 4194304 bytes, one buffer each.
+    with pytest.raises(
+        ValueError,
+        match=r"needs 4194304 bytes of on-chip memory on cuda, more than its 232448",
+    ):
+        opt.update(params(), opt.init(params()))
