@@ -175,29 +175,36 @@ def test_low_precision_within_ulps_of_optax(dtype, mu_dtype, data):
             ("nu", spec_state.nu, optax_state.nu, magnitude_state.nu),
             ("nu_max", spec_state.nu_max, optax_state.nu_max, magnitude_state.nu_max),
         ]:
-            for x, y, s in zip(
+            for x, y, s, nu_scale in zip(
                 jax.tree.leaves(a),
                 jax.tree.leaves(e),
                 jax.tree.leaves(scale),
+                jax.tree.leaves(magnitude_state.nu),
                 strict=True,
             ):
                 assert x.dtype == y.dtype, (name, x.dtype, y.dtype)
                 if x.size == 0:
                     continue
-                error = tolerances.scaled_ulp_error(x, y, s)
+                # Counted in the leaf dtype's ULPs: optax rounds intermediates
+                # to it even where promotion makes the output float32.
+                error = tolerances.scaled_ulp_error(x, y, s, dtype=jnp.dtype(dtype))
                 # float16: optax's intermediates leave the range (eps=1e-8 is 0,
                 # so a zero gradient gives 0/0) where the spec's do not.
                 optax_non_finite = ~np.isfinite(
                     np.asarray(y, np.float64)
                 ) & np.isfinite(np.asarray(x, np.float64))
+                # float16: where (1-b2) g**2 is subnormal, optax's nu has lost
+                # its relative precision (the spec's float32 nu has not).
+                optax_subnormal = np.asarray(nu_scale, np.float64) < float(
+                    jnp.finfo(jnp.float16).smallest_normal
+                )
                 error = np.where(
-                    optax_non_finite & (jnp.dtype(dtype) == jnp.float16), 0, error
+                    (optax_non_finite | optax_subnormal)
+                    & (jnp.dtype(dtype) == jnp.float16),
+                    0,
+                    error,
                 )
-                bound = (
-                    tolerances.SPEC_VS_OPTAX_ULPS[jnp.dtype(x.dtype).name]
-                    if jnp.dtype(x.dtype).itemsize == 2
-                    else 1
-                )
+                bound = tolerances.SPEC_VS_OPTAX_ULPS[jnp.dtype(dtype).name]
                 assert error.max() <= bound, f"step {step} {name}: {error.max()} ULPs"
         state = spec_state
 

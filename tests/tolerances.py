@@ -67,9 +67,10 @@ def ulp_at(magnitude, dtype) -> np.ndarray:
     return np.exp2(exponent - finfo.nmant)
 
 
-def scaled_ulp_error(actual, expected, scale) -> np.ndarray:
-    """|actual - expected| in ULPs of their dtype at max(|expected|, scale)."""
-    dtype = np.asarray(actual).dtype
+def scaled_ulp_error(actual, expected, scale, dtype=None) -> np.ndarray:
+    """|actual - expected| in ULPs of `dtype` (theirs by default) at
+    max(|expected|, scale)."""
+    dtype = dtype or np.asarray(actual).dtype
     a = np.asarray(actual, np.float64)
     e = np.asarray(expected, np.float64)
     both_nan = np.isnan(a) & np.isnan(e)
