@@ -271,8 +271,8 @@ def amsgrad(
       >>> params = jnp.array([1.0, 2.0, 3.0])
       >>> state = opt.init(params)
       >>> params, state = opt.step(2 * params, state, params)
-      >>> params
-      Array([0.997, 1.997, 2.997], dtype=float32)
+      >>> print(params)
+      [0.99700004 1.997      2.997     ]
     """
     _validation.check_learning_rate(learning_rate)
     hp = _hyperparams(

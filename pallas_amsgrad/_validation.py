@@ -54,19 +54,14 @@ def canonical_mu_dtype(mu_dtype: Any) -> jnp.dtype | None:
     return dtype
 
 
-def _leaves_with_paths(name: str, tree: Any, treedef) -> list[tuple[str, Any]]:
-    """(path, leaf) pairs of `tree`, which must have the structure `treedef`."""
+def _leaves_like(name: str, tree: Any, treedef) -> list[Any]:
+    """The leaves of `tree`, which must have the structure `treedef`."""
     try:
-        leaves = treedef.flatten_up_to(tree)
+        return treedef.flatten_up_to(tree)
     except (ValueError, TypeError) as error:
         raise ValueError(
             f"{name} does not have the structure of the gradients: {error}"
         ) from None
-    paths = [
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(treedef.unflatten(leaves))[0]
-    ]
-    return list(zip(paths, leaves, strict=True))
 
 
 def check_trees(grads: Any, trees: dict[str, Any]) -> None:
@@ -80,9 +75,10 @@ def check_trees(grads: Any, trees: dict[str, Any]) -> None:
     for path, grad in grad_paths:
         _check_float_leaf(f"grads{jax.tree_util.keystr(path)}", grad)
     for name, tree in trees.items():
-        for (path, leaf), (_, grad) in zip(
-            _leaves_with_paths(name, tree, treedef), grad_paths, strict=True
+        for leaf, (path, grad) in zip(
+            _leaves_like(name, tree, treedef), grad_paths, strict=True
         ):
+            path = jax.tree_util.keystr(path)
             _check_float_leaf(f"{name}{path}", leaf)
             if jnp.shape(leaf) != jnp.shape(grad):
                 raise ValueError(

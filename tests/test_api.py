@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,19 @@ def grads_for(params, step):
     return jax.tree.map(
         lambda p: jnp.cos(p * (step + 1.0) + step).astype(p.dtype), params
     )
+
+
+def assert_updates_track_optax(ours, theirs, params, steps):
+    """Our transformation (jitted) and optax's give the same updates each step."""
+    ours_state, theirs_state = ours.init(params), theirs.init(params)
+    our_update = jax.jit(ours.update)
+    for step in range(steps):
+        grads = grads_for(params, step)
+        our_updates, ours_state = our_update(grads, ours_state, params)
+        their_updates, theirs_state = theirs.update(grads, theirs_state, params)
+        tolerances.assert_trees_normwise_close(
+            our_updates, their_updates, f"step {step}: "
+        )
 
 
 @pytest.mark.parametrize(
@@ -84,12 +99,7 @@ def test_chain_with_clipping_matches_optax(implementation):
         pallas_amsgrad.amsgrad(0.05, implementation=implementation),
     )
     theirs = optax.chain(optax.clip_by_global_norm(1.0), optax.amsgrad(0.05))
-    ours_state, theirs_state = ours.init(params), theirs.init(params)
-    for step in range(3):
-        grads = grads_for(params, step)
-        our_updates, ours_state = jax.jit(ours.update)(grads, ours_state, params)
-        their_updates, theirs_state = theirs.update(grads, theirs_state, params)
-        tolerances.assert_trees_normwise_close(our_updates, their_updates)
+    assert_updates_track_optax(ours, theirs, params, steps=3)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -132,12 +142,7 @@ def test_multi_steps_matches_optax(implementation):
         pallas_amsgrad.amsgrad(0.05, implementation=implementation), every_k_schedule=2
     )
     theirs = optax.MultiSteps(optax.amsgrad(0.05), every_k_schedule=2)
-    ours_state, theirs_state = ours.init(params), theirs.init(params)
-    for step in range(4):
-        grads = grads_for(params, step)
-        our_updates, ours_state = jax.jit(ours.update)(grads, ours_state, params)
-        their_updates, theirs_state = theirs.update(grads, theirs_state, params)
-        tolerances.assert_trees_normwise_close(our_updates, their_updates)
+    assert_updates_track_optax(ours, theirs, params, steps=4)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -162,11 +167,16 @@ def test_step_with_donation_trains(implementation):
     assert float(loss(params)) < 0.2 * start
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU default")
 def test_default_implementation_on_cpu_is_xla():
     params = model_params()
-    opt = pallas_amsgrad.amsgrad(0.01)
-    text = jax.jit(opt.update).lower(grads_for(params, 0), opt.init(params)).as_text()
-    assert "pallas" not in text.lower() or jax.default_backend() != "cpu"
+
+    def traced(implementation):
+        opt = pallas_amsgrad.amsgrad(0.01, implementation=implementation)
+        return str(jax.make_jaxpr(opt.update)(grads_for(params, 0), opt.init(params)))
+
+    assert "pallas_call" in traced("pallas")
+    assert "pallas_call" not in traced(None)
 
 
 def test_scale_by_amsgrad_state_is_optax():
@@ -175,6 +185,11 @@ def test_scale_by_amsgrad_state_is_optax():
     theirs = optax.scale_by_amsgrad(mu_dtype=jnp.bfloat16).init(params)
     assert type(ours) is type(theirs)
     tolerances.assert_trees_equal(ours, theirs)
+
+
+def test_docstring_examples():
+    failures, tried = doctest.testmod(pallas_amsgrad._transform, verbose=False)
+    assert tried > 0 and failures == 0
 
 
 def test_doc_example_matches_spec():
