@@ -38,17 +38,23 @@ SPEC_VS_OPTAX_ULPS = {
 
 def _ordered_ints(x: np.ndarray) -> np.ndarray:
     """Maps floats to integers whose order and spacing are the floats' ULPs."""
-    width = x.dtype.itemsize * 8
-    bits = x.view(f"int{width}").astype(np.int64)
-    sign_mask = np.int64(1) << (width - 1)
-    return np.where(bits < 0, -(bits & (sign_mask - 1)), bits)
+    int_dtype = f"int{x.dtype.itemsize * 8}"
+    bits = x.view(int_dtype).astype(np.int64)
+    magnitude_bits = np.int64(np.iinfo(int_dtype).max)  # All but the sign bit.
+    return np.where(bits < 0, -(bits & magnitude_bits), bits)
 
 
 def ulp_distance(actual, expected) -> np.ndarray:
-    """Elementwise ULPs between two arrays of one dtype; NaN == NaN is 0."""
+    """Elementwise ULPs between two arrays of one dtype; NaN == NaN is 0.
+
+    Complex arrays are compared part by part (real and imaginary).
+    """
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     actual, expected = np.atleast_1d(actual), np.atleast_1d(expected)
+    if np.iscomplexobj(actual):
+        parts = actual.real.dtype
+        actual, expected = actual.view(parts), expected.view(parts)
     distance = np.abs(_ordered_ints(actual) - _ordered_ints(expected)).astype(
         np.float64
     )
