@@ -95,6 +95,7 @@ def amsgrad_leaf(
     *,
     out_dtypes: Sequence[jnp.dtype],
     block_sizes: BlockSizes | None = None,
+    tpu_interpret_params: pltpu.InterpretParams | None = None,
 ) -> tuple[jax.Array, ...]:
     """Fused AMSGrad on one leaf of any shape.
 
@@ -106,6 +107,9 @@ def amsgrad_leaf(
         update instead.
       out_dtypes: dtypes of (param | update, mu, nu, nu_max) written.
       block_sizes: overrides every platform's default.
+      tpu_interpret_params: runs the TPU kernel (its block sizes, SMEM
+        scalars, grid semantics) in Pallas' TPU interpreter on any backend,
+        with these settings (e.g. race detection); for testing without a TPU.
 
     Returns:
       (new param | update, mu, nu, nu_max), shaped like `grad`.
@@ -130,7 +134,7 @@ def amsgrad_leaf(
     all_dtypes = [x.dtype for x in inputs] + list(out_dtypes)
     has_64_bit = any(jnp.dtype(d).itemsize == 8 for d in all_dtypes)
 
-    def branch(platform):
+    def branch(platform, interpret=None):
         sizes = block_sizes or BlockSizes.get_default(platform)
         if platform in COMPILED_PLATFORMS:
             check_fits(sizes, all_dtypes, platform)
@@ -140,9 +144,12 @@ def amsgrad_leaf(
             block_rows=sizes.block_rows,
             apply_to_params=param is not None,
             platform=platform,
+            interpret=interpret,
         )
 
-    if has_64_bit:  # No accelerator kernel takes float64: interpret anywhere.
+    if tpu_interpret_params is not None:
+        outputs = branch("tpu", tpu_interpret_params)(*args)
+    elif has_64_bit:  # No accelerator kernel takes float64: interpret anywhere.
         outputs = branch("interpret")(*args)
     else:
         outputs = jax.lax.platform_dependent(
@@ -154,9 +161,13 @@ def amsgrad_leaf(
 
 
 def _amsgrad_pallas(
-    coefficients, *arrays, out_dtypes, block_rows, apply_to_params, platform
+    coefficients, *arrays, out_dtypes, block_rows, apply_to_params, platform, interpret
 ):
-    """One pallas_call over (rows, 128) arrays; outputs alias matching inputs."""
+    """One pallas_call over (rows, 128) arrays; outputs alias matching inputs.
+
+    `interpret`: None compiles for `platform` where it is a compiled one and
+    interprets elsewhere; `pltpu.InterpretParams` interprets a TPU kernel.
+    """
     rows = arrays[0].shape[0]
     block_rows = min(block_rows, rows)  # A block may span the whole array.
     block = pl.BlockSpec((block_rows, LANES), lambda i: (i, 0))
@@ -195,7 +206,9 @@ def _amsgrad_pallas(
             transcendentals=elements,
             bytes_accessed=bytes_moved,
         ),
-        interpret=platform not in COMPILED_PLATFORMS,
+        interpret=(
+            platform not in COMPILED_PLATFORMS if interpret is None else interpret
+        ),
         name="amsgrad",
     )(coefficients, *arrays)
 

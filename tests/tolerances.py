@@ -25,11 +25,19 @@ IMPLEMENTATION_ULPS = {
     "float16": 1,
 }
 
-# Spec vs optax for 16-bit leaves, where optax rounds every intermediate to the
-# leaf dtype and the spec rounds once. Counted at the magnitude of the summands
-# (see `summand_scale`), so cancellation in mu = (1-b1) g + b1 mu does not turn
-# a rounding of the terms into an unbounded relative error. Measured maxima over
-# the suite's draws were 3 (bfloat16) and 3 (float16); the bound leaves room.
+# The TPU interpreter evaluates the kernel's primitives its own way (as a real
+# TPU, whose float32 divide and sqrt are not IEEE, does too): 5 ULPs seen in
+# float32, within the bound `verify` allows deployed backends.
+INTERPRETED_TPU_ULPS = {"float32": 8, "bfloat16": 1, "float16": 1}
+
+# Spec vs optax wherever optax rounds an intermediate below float32: 16-bit
+# leaves (every intermediate in the leaf dtype) and a 16-bit mu_dtype (b1 * mu
+# rounded to it before the sum, then the sum to mu_dtype again). The spec
+# rounds once. Counted in ULPs of the narrowest such dtype, at the magnitude of
+# the summands (see `summand_scales`), so cancellation in mu = (1-b1) g + b1 mu
+# does not turn a rounding of the terms into an unbounded relative error.
+# Measured maxima over the suite's draws were 3; the dev profile (50 draws per
+# configuration) passes the bound for every param dtype x 16-bit mu_dtype.
 SPEC_VS_OPTAX_ULPS = {
     "bfloat16": 6,
     "float16": 6,
