@@ -29,6 +29,7 @@ ROW_MULTIPLE = 16
 TPU_VMEM_BYTES = 16 * 1024 * 1024
 # Dynamic shared memory per block on H100/H200, as Mosaic GPU checks it.
 GPU_SMEM_BYTES = 232448
+GPU_WARPGROUP_THREADS = 128
 # Flops per element of `_math.amsgrad_block` plus the param add (counted by hand).
 FLOPS_PER_ELEMENT = 15
 
@@ -221,9 +222,14 @@ def _gpu_load(ref):
     """Loads every block in one register layout, whatever its dtype.
 
     Mosaic GPU picks a layout per dtype by default, and cannot then add a
-    bfloat16 parameter widened to float32 to a float32 update.
+    bfloat16 parameter widened to float32 to a float32 update. The layout
+    spreads the block over a warpgroup's 128 threads, `vec_size` elements
+    each, so it must divide: a block of one row (a leaf of up to 128
+    elements) or an odd number of rows takes one element per thread.
     """
-    layout = plgpu.Layout.WG_STRIDED(ref.shape, vec_size=2)
+    rows, lanes = ref.shape
+    vec_size = 2 if rows * lanes % (2 * GPU_WARPGROUP_THREADS) == 0 else 1
+    layout = plgpu.Layout.WG_STRIDED(ref.shape, vec_size=vec_size)
     return plgpu.load(ref, (), layout=layout)
 
 

@@ -1,0 +1,133 @@
+"""The step lowered for real TPU and GPU targets, from this CPU machine.
+
+`jax.export(platforms=[...])` runs Mosaic TPU's and Mosaic GPU's own lowering
+(Mosaic GPU also checks its shared-memory limit), so a kernel that would not
+compile for a target fails here. The exported StableHLO is then inspected:
+one Mosaic custom call per non-empty leaf, every state and parameter operand
+aliased to its output, and block sizes inside each target's on-chip memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import jax
+import pytest
+import strategies
+
+import pallas_amsgrad
+from pallas_amsgrad import _kernel
+
+CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}
+
+# A scalar, a leaf under one row, an odd 3-D leaf, a ragged leaf, an empty one,
+# and one large enough for many grid steps on either target (abstract: the
+# export never allocates it).
+SHAPES = {
+    "scalar": (),
+    "tiny": (7,),
+    "odd": (3, 5, 7),
+    "ragged": (129,),
+    "empty": (0, 4),
+    "large": (3000, 1000),
+}
+
+DTYPE_GRID = list(
+    itertools.product(
+        ["float32", "bfloat16", "float16"], [None, "bfloat16", "float16", "float32"]
+    )
+)
+
+
+def _export(platform, fn_name, dtype, mu_dtype, shapes=SHAPES, block_sizes=None):
+    opt = pallas_amsgrad.amsgrad(
+        1e-3, mu_dtype=mu_dtype, implementation="pallas", block_sizes=block_sizes
+    )
+    params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()}
+    state = jax.eval_shape(opt.init, params)
+    if fn_name == "step":
+        fn, args = jax.jit(opt.step, donate_argnums=(1, 2)), (params, state, params)
+    else:
+        fn, args = jax.jit(opt.update, donate_argnums=1), (params, state)
+    return jax.export.export(fn, platforms=[platform])(*args).mlir_module()
+
+
+def _custom_calls(module: str, target: str) -> list[str]:
+    return [line for line in module.splitlines() if f"custom_call @{target}(" in line]
+
+
+def _aliases(call: str) -> dict[int, int]:
+    """{operand index: output index} of a custom call's output_operand_aliases."""
+    pairs = re.findall(r"output_tuple_indices = \[(\d+)\], operand_index = (\d+)", call)
+    return {int(operand): int(output) for output, operand in pairs}
+
+
+@pytest.mark.parametrize("fn_name", ["step", "update"])
+@pytest.mark.parametrize(
+    "dtype, mu_dtype", DTYPE_GRID, ids=[f"{p}-mu={m}" for p, m in DTYPE_GRID]
+)
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_lowers_with_one_aliased_kernel_per_leaf(platform, dtype, mu_dtype, fn_name):
+    module = _export(platform, fn_name, dtype, mu_dtype)
+    calls = _custom_calls(module, CUSTOM_CALLS[platform])
+    non_empty = [s for s in SHAPES.values() if math.prod(s)]
+    assert len(calls) == len(non_empty), module[:2000]
+    # Operands: 0 coefficients, (param,) grad, mu, nu, nu_max. Outputs: (new
+    # param | update), mu, nu, nu_max. Everything but grad is written back in
+    # place; the update of `update` is a new array (grad is only read).
+    expected = {1: 0, 3: 1, 4: 2, 5: 3} if fn_name == "step" else {2: 1, 3: 2, 4: 3}
+    for call in calls:
+        assert _aliases(call) == expected, call[:3000]
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_default_block_sizes_fit_on_chip_memory(platform):
+    """For every dtype mix the kernel takes (9 arrays, each 16 or 32 bits)."""
+    limit = {"tpu": _kernel.TPU_VMEM_BYTES, "cuda": _kernel.GPU_SMEM_BYTES}[platform]
+    block_rows = _kernel.BlockSizes.get_default(platform).block_rows
+    for dtypes in itertools.product(["float32", "bfloat16"], repeat=9):
+        assert _kernel.on_chip_bytes(block_rows, dtypes, platform) <= limit
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_block_sizes_over_on_chip_memory_raise_at_trace_time(platform):
+    too_many_rows = {"tpu": 8192, "cuda": 128}[platform]
+    with pytest.raises(
+        ValueError, match=rf"needs \d+ bytes of on-chip memory on {platform}"
+    ):
+        _export(
+            platform,
+            "step",
+            "float32",
+            None,
+            shapes={"w": (too_many_rows * 4, 128)},
+            block_sizes=pallas_amsgrad.BlockSizes(too_many_rows),
+        )
+
+
+def test_largest_gpu_block_within_our_limit_passes_mosaic_gpu():
+    """Our shared-memory bound is not looser than Mosaic GPU's own check."""
+    dtypes = ["float32"] * 9
+    per_row = _kernel.on_chip_bytes(1, dtypes, "cuda")
+    rows = (
+        _kernel.GPU_SMEM_BYTES // per_row // _kernel.ROW_MULTIPLE * _kernel.ROW_MULTIPLE
+    )
+    _export(
+        "cuda",
+        "step",
+        "float32",
+        None,
+        shapes={"w": (rows * 2, 128)},
+        block_sizes=pallas_amsgrad.BlockSizes(rows),
+    )
+
+
+def test_edge_shapes_lower_for_both_targets():
+    """Every edge shape of the property tests, alone, for both targets."""
+    shapes = {f"leaf{i}": s for i, s in enumerate(strategies.EDGE_SHAPES)}
+    for platform in CUSTOM_CALLS:
+        module = _export(platform, "step", "bfloat16", "float32", shapes=shapes)
+        non_empty = [s for s in shapes.values() if math.prod(s)]
+        assert len(_custom_calls(module, CUSTOM_CALLS[platform])) == len(non_empty)
