@@ -30,8 +30,12 @@ class Coefficients(NamedTuple):
     b2: jax.Array
     eps: jax.Array
     eps_root: jax.Array
-    bias_correction_mu: jax.Array  # 1 - b1**t, or exactly 1 when disabled.
-    bias_correction_nu: jax.Array  # 1 - b2**t, or exactly 1 when disabled.
+    # 1 / (1 - b**t), or exactly 1 when disabled. A multiply by the reciprocal,
+    # computed once per step, rather than a divide per element: XLA rewrites
+    # `x / broadcast(c)` into exactly this in some graphs and not in others,
+    # and the kernel must give the same bits for a leaf wherever it sits.
+    inverse_bias_correction_mu: jax.Array
+    inverse_bias_correction_nu: jax.Array
 
 
 def amsgrad_block(
@@ -48,16 +52,17 @@ def amsgrad_block(
 
         mu = (1 - b1) * g + b1 * mu
         nu = (1 - b2) * g**2 + b2 * nu
-        nu_max = maximum(nu_max, nu / bc_nu)
-        update = step_size * ((mu / bc_mu) / (sqrt(nu_max + eps_root) + eps))
+        nu_max = maximum(nu_max, nu * (1 / bc_nu))
+        update = step_size * ((mu * (1 / bc_mu)) / (sqrt(nu_max + eps_root) + eps))
 
     Returns (update, mu, nu, nu_max), unrounded.
     """
     c = Coefficients(*coefficients)
     mu = c.one_minus_b1 * grad + c.b1 * mu
     nu = c.one_minus_b2 * (grad * grad) + c.b2 * nu
-    nu_max = jnp.maximum(nu_max, nu / c.bias_correction_nu)
-    direction = (mu / c.bias_correction_mu) / (sqrt(nu_max + c.eps_root) + c.eps)
+    nu_max = jnp.maximum(nu_max, nu * c.inverse_bias_correction_nu)
+    mu_hat = mu * c.inverse_bias_correction_mu
+    direction = mu_hat / (sqrt(nu_max + c.eps_root) + c.eps)
     return c.step_size * direction, mu, nu, nu_max
 
 

@@ -108,8 +108,8 @@ def _fused_update(grads, state, params, step_size, is_schedule, hp: _Hyperparams
             b2=hp.b2,
             eps=hp.eps,
             eps_root=hp.eps_root,
-            bias_correction_mu=corrections[0],
-            bias_correction_nu=corrections[1],
+            inverse_bias_correction_mu=1 / jnp.asarray(corrections[0], compute),
+            inverse_bias_correction_nu=1 / jnp.asarray(corrections[1], compute),
         )
         coefficients = jnp.stack([jnp.asarray(c).astype(compute) for c in coefficients])
         leaf = _kernel.amsgrad_leaf if implementation == "pallas" else _xla_leaf

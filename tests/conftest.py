@@ -1,9 +1,12 @@
 """Hypothesis profiles: `ci` (derandomized, small) and `dev` (larger, random).
 
-Select with HYPOTHESIS_PROFILE=dev; CI uses `ci`.
+Select with HYPOTHESIS_PROFILE=dev (or ci-noshrink); CI uses `ci`.
 """
 
+import importlib
 import os
+import pathlib
+import sys
 
 # XLA:CPU contracts a*b + c into one FMA where a fusion allows it, so the last
 # bit of a float32 result would depend on how XLA happened to fuse a graph.
@@ -13,7 +16,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX"
 ).strip()
 
-from hypothesis import HealthCheck, settings
+# mutmut runs the suite in a copy of the tree, mutants/, whose spec/ holds the
+# mutated spec. The installed `amsgrad_spec` is the unmutated spec/, so there
+# the copy is imported under its path name and aliased.
+if pathlib.Path(__file__).resolve().parents[1].name == "mutants":
+    sys.modules["amsgrad_spec"] = importlib.import_module("spec")
+
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile(
     "ci",
@@ -29,5 +38,11 @@ settings.register_profile(
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# `ci` without shrinking: a failure is reported at once, as drawn.
+settings.register_profile(
+    "ci-noshrink",
+    settings.get_profile("ci"),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

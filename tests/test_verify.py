@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 
 from pallas_amsgrad import _verify, cli
 
@@ -40,3 +43,33 @@ def test_disagreement_fails(monkeypatch):
     rows = _verify.verify(params=small_params(), steps=2, implementations=("xla",))
     failed = [r for r in rows if r.contender == "xla" and not r.passed]
     assert len(failed) == 12
+
+
+def test_json_report_of_a_users_npz(tmp_path, capsys):
+    path = tmp_path / "params.npz"
+    np.savez(path, **small_params())
+    assert (
+        cli.main(["verify", "--steps", "2", "--params", str(path), "--json", "-"]) == 0
+    )
+    run = json.loads(capsys.readouterr().out)
+    assert run["inputs"]["params"] == str(path)
+    assert run["inputs"]["parameters"] == 9 * 130 + 3
+    assert run["failed"] == 0 and run["passed"] == len(run["rows"]) == 36
+    assert {r["contender"] for r in run["rows"]} == {"pallas", "xla", "optax"}
+    for key in ("jax", "jaxlib", "optax", "backend", "devices", "pallas_amsgrad"):
+        assert run["environment"][key]
+
+
+def test_json_file_beside_the_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(_verify, "default_params", small_params)
+    out = tmp_path / "verify.json"
+    assert cli.main(["verify", "--steps", "1", "--json", str(out)]) == 0
+    assert "36 passed, 0 failed" in capsys.readouterr().out
+    assert json.loads(out.read_text())["passed"] == 36
+
+
+def test_npz_with_an_integer_leaf_is_refused(tmp_path):
+    path = tmp_path / "params.npz"
+    np.savez(path, w=np.ones(3, np.float32), step=np.arange(3))
+    with pytest.raises(ValueError, match="leaf 'step' has dtype int64"):
+        _verify.load_params(str(path))
