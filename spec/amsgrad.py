@@ -27,7 +27,6 @@ cast to the dtype the moment is computed in.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -86,7 +85,6 @@ def increment_count(count):
     return jnp.where(count < limit, count + 1, jnp.asarray(limit, count.dtype))
 
 
-@functools.partial(jax.jit, inline=True)
 def bias_correction(decay, count):
     """c_t = 1 - decay^t, in the dtype jnp promotion gives (float32 for int32 t).
 
@@ -95,6 +93,10 @@ def bias_correction(decay, count):
     integer-exponent path and can differ in the last bit.
     """
     return 1 - decay**count
+
+
+# Wrapped after the definition (not decorated) so mutation testing reaches it.
+bias_correction = jax.jit(bias_correction, inline=True)
 
 
 def debias(moment, correction):

@@ -19,10 +19,11 @@ os.environ["XLA_FLAGS"] = (
 # mutmut runs the suite in a copy of the tree, mutants/, whose spec/ holds the
 # mutated spec. The installed `amsgrad_spec` is the unmutated spec/, so there
 # the copy is imported under its path name and aliased.
-if pathlib.Path(__file__).resolve().parents[1].name == "mutants":
+_IN_MUTANTS = pathlib.Path(__file__).resolve().parents[1].name == "mutants"
+if _IN_MUTANTS:
     sys.modules["amsgrad_spec"] = importlib.import_module("spec")
 
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -45,4 +46,7 @@ settings.register_profile(
     settings.get_profile("ci"),
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# Under mutmut a failing example is all that is needed: shrinking it would
+# cost minutes per mutant.
+_default_profile = "ci-noshrink" if _IN_MUTANTS else "ci"
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default_profile))
