@@ -117,6 +117,23 @@ class TestHandWorked:
         assert state.count.dtype == jnp.int32 and int(state.count) == top
 
 
+@pytest.mark.parametrize(
+    "mu_dtype", strategies.MU_DTYPES, ids=["mu=param", "mu=bf16", "mu=f16", "mu=f32"]
+)
+@pytest.mark.parametrize(
+    "dtype", strategies.PARAM_DTYPES, ids=lambda d: jnp.dtype(d).name
+)
+def test_init_equals_optax_init(dtype, mu_dtype):
+    """Structure, shapes, dtypes and zeros of the state, before any step."""
+    params = {
+        "w": jnp.ones((3, 5), dtype),
+        "b": [jnp.ones(7, dtype), jnp.ones((), dtype)],
+        "empty": jnp.ones((0, 2), dtype),
+    }
+    expected = optax.scale_by_amsgrad(mu_dtype=mu_dtype).init(params)
+    tolerances.assert_trees_equal(optax_state_of(spec.init(params, mu_dtype)), expected)
+
+
 @given(data=st.data())
 @pytest.mark.parametrize(
     "mu_dtype", [None, jnp.float32], ids=["mu=param", "mu=float32"]
