@@ -197,8 +197,8 @@ def _amsgrad_pallas(
         out_specs=[block] * len(out_dtypes),
         out_shape=[jax.ShapeDtypeStruct((rows, LANES), d) for d in out_dtypes],
         input_output_aliases=aliases,
-        compiler_params=_compiler_params(platform),
-        cost_estimate=_cost_estimate(rows * LANES, arrays, out_dtypes),
+        compiler_params=_compiler_params(platform),  # pragma: no mutate
+        cost_estimate=_cost_estimate(rows, arrays, out_dtypes),  # pragma: no mutate
         interpret=(
             platform not in COMPILED_PLATFORMS if interpret is None else interpret
         ),
@@ -214,9 +214,10 @@ def _compiler_params(platform):  # pragma: no mutate block
     return None
 
 
-def _cost_estimate(elements, arrays, out_dtypes):  # pragma: no mutate block
+def _cost_estimate(rows, arrays, out_dtypes):  # pragma: no mutate block
     """What one call costs, for XLA's scheduler: every array read or written
     once, FLOPS_PER_ELEMENT flops and one sqrt per element."""
+    elements = rows * LANES
     bytes_moved = elements * (
         sum(a.dtype.itemsize for a in arrays)
         + sum(np.dtype(d).itemsize for d in out_dtypes)
