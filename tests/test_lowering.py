@@ -22,14 +22,15 @@ from pallas_amsgrad import _kernel
 
 CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}
 
-# A scalar, a leaf under one row, an odd 3-D leaf, a ragged leaf, an empty one,
-# and one large enough for many grid steps on either target (abstract: the
-# export never allocates it).
+# A scalar, a leaf under one row, an odd 3-D leaf, a ragged leaf, one of three
+# rows, an empty one, and one large enough for many grid steps on either
+# target (abstract: the export never allocates it).
 SHAPES = {
     "scalar": (),
     "tiny": (7,),
     "odd": (3, 5, 7),
     "ragged": (129,),
+    "three_rows": (3, 128),  # An odd row count: one element per GPU thread.
     "empty": (0, 4),
     "large": (3000, 1000),
 }
