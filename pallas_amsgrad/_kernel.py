@@ -67,9 +67,9 @@ class BlockSizes:  # pragma: no mutate block
         return cls(block_rows=block_rows)
 
 
-def on_chip_bytes(  # pragma: no mutate block
+def on_chip_bytes(
     block_rows: int, dtypes: Sequence[jnp.dtype], platform: str
-) -> int:
+) -> int:  # pragma: no mutate block
     """On-chip bytes the kernel's blocks take on `platform` (all in/out blocks)."""
     per_row = LANES * sum(jnp.dtype(d).itemsize for d in dtypes)
     # Mosaic TPU double-buffers every block; Mosaic GPU holds one of each.
@@ -77,9 +77,9 @@ def on_chip_bytes(  # pragma: no mutate block
     return buffers * block_rows * per_row
 
 
-def check_fits(  # pragma: no mutate block
+def check_fits(
     block_sizes: BlockSizes, dtypes: Sequence[jnp.dtype], platform: str
-):
+):  # pragma: no mutate block
     """Raises if the blocks overflow VMEM (tpu) or shared memory (cuda)."""
     limit = {"tpu": TPU_VMEM_BYTES, "cuda": GPU_SMEM_BYTES}.get(platform)
     needed = on_chip_bytes(block_sizes.block_rows, dtypes, platform)
