@@ -28,6 +28,15 @@ block_sizes = st.sampled_from(
 )
 
 
+def optimizer(hp, implementation, block_sizes=None):
+    """pallas_amsgrad.amsgrad with the hyperparameters of `hp`."""
+    return pallas_amsgrad.amsgrad(
+        **strategies.optax_kwargs(hp),
+        implementation=implementation,
+        block_sizes=block_sizes,
+    )
+
+
 def check_against_spec(
     implementation,
     params,
@@ -36,11 +45,7 @@ def check_against_spec(
     block_sizes=None,
     max_ulps=tolerances.IMPLEMENTATION_ULPS,
 ):
-    opt = pallas_amsgrad.amsgrad(
-        **strategies.optax_kwargs(hp),
-        implementation=implementation,
-        block_sizes=block_sizes,
-    )
+    opt = optimizer(hp, implementation, block_sizes)
     state = opt.init(params)
     reference = optax.amsgrad(**strategies.optax_kwargs(hp)).init(params)
     tolerances.assert_trees_equal(state, reference, "init: ")

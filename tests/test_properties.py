@@ -15,7 +15,7 @@ import strategies
 import tolerances
 from hypothesis import given, note
 from hypothesis import strategies as st
-from test_implementations import check_against_spec
+from test_implementations import check_against_spec, optimizer
 
 import amsgrad_spec as spec
 import pallas_amsgrad
@@ -24,21 +24,13 @@ IMPLEMENTATIONS = ["pallas", "xla"]
 INT32_MAX = np.iinfo(np.int32).max
 
 
-def _optimizer(hp, implementation, block_sizes=None):
-    return pallas_amsgrad.amsgrad(
-        **strategies.optax_kwargs(hp),
-        implementation=implementation,
-        block_sizes=block_sizes,
-    )
-
-
 @given(data=st.data())
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_nu_max_never_decreases(implementation, data):
     dtype = data.draw(st.sampled_from(strategies.PARAM_DTYPES))
     params, grads = data.draw(strategies.trajectories(dtype, steps=4))
     hp = data.draw(strategies.hyperparams())
-    opt = _optimizer(hp, implementation)
+    opt = optimizer(hp, implementation)
     state, step = opt.init(params), jax.jit(opt.step)
     for g in grads:
         params, new_state = step(g, state, params)
@@ -84,14 +76,14 @@ def test_bitwise_identical_across_block_sizes_and_runs(data):
     params, grads = data.draw(strategies.trajectories(dtype))
     hp = data.draw(strategies.hyperparams(mu_dtype))
     note(f"{hp=}")
-    reference = _run(_optimizer(hp, "pallas"), params, grads)
+    reference = _run(optimizer(hp, "pallas"), params, grads)
     tolerances.assert_trees_equal(
-        _run(_optimizer(hp, "pallas"), params, grads), reference, "rerun: "
+        _run(optimizer(hp, "pallas"), params, grads), reference, "rerun: "
     )
     for rows in (16, 32):
         sizes = pallas_amsgrad.BlockSizes(rows)
         tolerances.assert_trees_equal(
-            _run(_optimizer(hp, "pallas", sizes), params, grads),
+            _run(optimizer(hp, "pallas", sizes), params, grads),
             reference,
             f"block_rows={rows}: ",
         )
@@ -111,7 +103,7 @@ def test_leaf_alone_equals_leaf_in_a_large_tree(implementation, data):
     params, grads = data.draw(strategies.trajectories(dtype))
     mu_dtype = data.draw(st.sampled_from([None, jnp.float32]))
     hp = data.draw(strategies.hyperparams(mu_dtype))
-    opt = _optimizer(hp, implementation, pallas_amsgrad.BlockSizes(16))
+    opt = optimizer(hp, implementation, pallas_amsgrad.BlockSizes(16))
     neighbour_shapes = [(37,), (130, 3), (2, 64, 17)]
     fills = [np.nan, np.inf, 6e4]
     neighbours = [jnp.ones(s, dtype) for s in neighbour_shapes]
@@ -190,7 +182,7 @@ def test_non_finite_gradient_element_stays_local(implementation, data):
     grads[0] = jax.tree.unflatten(jax.tree.structure(grads[0]), leaves)
 
     check_against_spec(implementation, params, grads[:1], hp)
-    opt = _optimizer(hp, implementation)
+    opt = optimizer(hp, implementation)
     new_params, new_state = jax.jit(opt.step)(grads[0], opt.init(params), params)
     expected_params, expected_state = spec.step(grads[0], spec.init(params), params, hp)
     for name, got, want in [
