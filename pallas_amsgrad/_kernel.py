@@ -255,13 +255,18 @@ def _amsgrad_kernel(coefficients_ref, *refs, apply_to_params, load, sqrt):
     grad_ref, mu_ref, nu_ref, nu_max_ref, first_out_ref, *moment_out_refs = refs
     dtype = coefficients_ref.dtype
     coefficients = [coefficients_ref[i] for i in range(len(_math.Coefficients._fields))]
+    # jnp.asarray(x, dtype), not x.astype(dtype): with dtype None the first
+    # keeps the block's own dtype where the second takes jnp's default float.
     update, *moments = _math.amsgrad_block(
-        *(load(ref).astype(dtype) for ref in (grad_ref, mu_ref, nu_ref, nu_max_ref)),
+        *(
+            jnp.asarray(load(ref), dtype)
+            for ref in (grad_ref, mu_ref, nu_ref, nu_max_ref)
+        ),
         coefficients,
         sqrt=sqrt,
     )
     if apply_to_params:
-        update = load(param_ref).astype(dtype) + update
+        update = jnp.asarray(load(param_ref), dtype) + update
     first_out_ref[...] = update.astype(first_out_ref.dtype)
     for out_ref, value in zip(moment_out_refs, moments, strict=True):
         out_ref[...] = value.astype(out_ref.dtype)

@@ -170,7 +170,7 @@ def _leaf_exact(grad, mu, nu, nu_max, corrections, step_size, hp):
 
     out_types = jax.eval_shape(equations, grad, mu, nu, nu_max, corrections, step_size)
     dtype = compute_dtype(*(t.dtype for t in out_types))
-    widened = [jnp.asarray(x).astype(dtype) for x in (grad, mu, nu, nu_max)]
+    widened = [jnp.asarray(x, dtype) for x in (grad, mu, nu, nu_max)]
     values = equations(*widened, corrections, step_size)
     return values, [t.dtype for t in out_types]
 

@@ -22,6 +22,16 @@ os.environ["XLA_FLAGS"] = (
 _IN_MUTANTS = pathlib.Path(__file__).resolve().parents[1].name == "mutants"
 if _IN_MUTANTS:
     sys.modules["amsgrad_spec"] = importlib.import_module("spec")
+    # Each mutant runs in a fresh process; most of what it compiles (the
+    # spec, optax, unmutated functions) is the same program every time.
+    import jax
+
+    jax.config.update(
+        "jax_compilation_cache_dir",
+        str(pathlib.Path(__file__).parents[1] / ".jax_cache"),
+    )
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 

@@ -101,10 +101,12 @@ def test_float64_matches_spec(implementation, data):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", strategies.EDGE_SHAPES, ids=str)
-def test_edge_shapes(implementation, shape):
-    """Scalars, size 1, ragged and empty leaves, padding never leaking."""
-    params = {"x": jnp.linspace(-2, 2, math.prod(shape)).reshape(shape)}
+def test_edge_shapes(implementation, dtype, shape):
+    """Scalars, size 1, ragged and empty leaves, padding never leaking; every
+    output in its own dtype, empty ones too."""
+    params = {"x": jnp.linspace(-2, 2, math.prod(shape), dtype=dtype).reshape(shape)}
     grads = [
         jax.tree.map(lambda p, s=s: jnp.sin(p * (3 + s)) * (s != 1), params)
         for s in range(3)
@@ -142,6 +144,18 @@ def test_scale_by_amsgrad_matches_spec(implementation):
             (expected, tuple(spec_state)),
             tolerances.IMPLEMENTATION_ULPS,
         )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_float16_gradients_are_squared_in_float32(implementation):
+    """Squared in float16, |g| < 2**-12 underflows to 0 (and the update
+    becomes mu / eps) and |g| > 256 overflows to inf; the precision rule
+    computes in float32 and rounds once."""
+    grads = jnp.array([1e-4, -3e-5, 2e-4, 300.0, -1000.0, 0.5], jnp.float16)
+    params = jnp.ones_like(grads)
+    check_against_spec(
+        implementation, params, [grads, grads * 0.5, grads], spec.Hyperparams(0.1)
+    )
 
 
 def test_gpu_sqrt_is_sqrt():

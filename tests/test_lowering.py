@@ -132,3 +132,11 @@ def test_edge_shapes_lower_for_both_targets():
         module = _export(platform, "step", "bfloat16", "float32", shapes=shapes)
         non_empty = [s for s in shapes.values() if math.prod(s)]
         assert len(_custom_calls(module, CUSTOM_CALLS[platform])) == len(non_empty)
+
+
+def test_float64_runs_the_interpreter_on_every_target():
+    """No Mosaic kernel takes float64: such leaves lower to plain HLO."""
+    with jax.enable_x64(True):
+        for platform, target in CUSTOM_CALLS.items():
+            module = _export(platform, "step", "float64", None, shapes={"w": (8, 128)})
+            assert not _custom_calls(module, target), platform

@@ -89,6 +89,28 @@ def test_bitwise_identical_across_block_sizes_and_runs(data):
         )
 
 
+@given(data=st.data())
+def test_kernel_and_xla_path_give_the_same_bits(data):
+    """Both run `_math.amsgrad_block` on the same coefficients, and the suite's
+    IEEE arithmetic (tests/conftest.py) leaves XLA no contraction to make:
+    any other sqrt, cast or order of operations in either one shows here."""
+    dtype = data.draw(st.sampled_from(strategies.PARAM_DTYPES))
+    mu_dtype = data.draw(st.sampled_from(strategies.MU_DTYPES))
+    params, grads = data.draw(strategies.trajectories(dtype))
+    hp = data.draw(strategies.hyperparams(mu_dtype))
+    note(f"{hp=}")
+    kernel, xla = optimizer(hp, "pallas"), optimizer(hp, "xla")
+    tolerances.assert_trees_equal(
+        _run(kernel, params, grads), _run(xla, params, grads), "step: "
+    )
+    state = kernel.init(params)
+    tolerances.assert_trees_equal(
+        jax.jit(kernel.update)(grads[0], state),
+        jax.jit(xla.update)(grads[0], state),
+        "update: ",
+    )
+
+
 def _moments(state, i, subtree=lambda tree: tree):
     """(mu, nu, nu_max) of leaf i of (a subtree of) an amsgrad state."""
     return [jax.tree.leaves(subtree(tree))[i] for tree in state[0][1:]]

@@ -108,13 +108,17 @@ class TestHandWorked:
                     )
             assert state.count.dtype == jnp.int32 and int(state.count) == 2
 
-    def test_count_saturates_at_int32_max(self):
-        top = jnp.iinfo(jnp.int32).max
-        assert int(spec.increment_count(jnp.asarray(top - 1, jnp.int32))) == top
-        assert int(spec.increment_count(jnp.asarray(top, jnp.int32))) == top
-        state = spec.init(jnp.ones(3))._replace(count=jnp.asarray(top, jnp.int32))
-        _, state = spec.update(jnp.ones(3), state, spec.Hyperparams(0.1))
-        assert state.count.dtype == jnp.int32 and int(state.count) == top
+    @pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+    def test_count_saturates_at_int32_max(self, x64):
+        """Without wrapping, and staying int32 even where Python ints are int64."""
+        with jax.enable_x64(x64):
+            top = jnp.iinfo(jnp.int32).max
+            for before in (top - 1, top):
+                count = spec.increment_count(jnp.asarray(before, jnp.int32))
+                assert count.dtype == jnp.int32 and int(count) == top
+            state = spec.init(jnp.ones(3))._replace(count=jnp.asarray(top, jnp.int32))
+            _, state = spec.update(jnp.ones(3), state, spec.Hyperparams(0.1))
+            assert state.count.dtype == jnp.int32 and int(state.count) == top
 
 
 @pytest.mark.parametrize(
@@ -132,6 +136,45 @@ def test_init_equals_optax_init(dtype, mu_dtype):
     }
     expected = optax.scale_by_amsgrad(mu_dtype=mu_dtype).init(params)
     tolerances.assert_trees_equal(optax_state_of(spec.init(params, mu_dtype)), expected)
+
+
+@pytest.mark.parametrize("learning_rate", ["float", "array", "schedule"])
+@pytest.mark.parametrize(
+    "mu_dtype", strategies.MU_DTYPES, ids=["mu=param", "mu=bf16", "mu=f16", "mu=f32"]
+)
+@pytest.mark.parametrize(
+    "dtype", strategies.PARAM_DTYPES, ids=lambda d: jnp.dtype(d).name
+)
+def test_output_dtypes_equal_optax(dtype, mu_dtype, learning_rate):
+    """Updates, state and params of update, apply and step, abstractly. optax
+    casts a scheduled learning rate to the update's dtype; a constant one
+    promotes with it (a float32 array lifts a bfloat16 update to float32)."""
+    lr = {
+        "float": 0.1,
+        "array": jnp.asarray(0.1, jnp.float32),
+        "schedule": optax.linear_schedule(0.1, 0.01, 10),  # float32 arrays.
+    }[learning_rate]
+    hp = spec.Hyperparams(learning_rate=lr, mu_dtype=mu_dtype)
+    params = {"w": jax.ShapeDtypeStruct((3, 5), dtype)}
+    opt = optax.amsgrad(**strategies.optax_kwargs(hp))
+
+    def optax_step(grads, params):
+        updates, state = opt.update(grads, opt.init(params), params)
+        return updates, state[0], optax.apply_updates(params, updates)
+
+    def spec_step(grads, params):
+        updates, state = spec.update(grads, spec.init(params, mu_dtype), hp)
+        fused_params, fused_state = spec.step(
+            grads, spec.init(params, mu_dtype), params, hp
+        )
+        assert jax.tree.map(jnp.dtype, fused_state) == jax.tree.map(jnp.dtype, state)
+        return updates, optax_state_of(state), fused_params
+
+    expected = jax.eval_shape(optax_step, params, params)
+    actual = jax.eval_shape(spec_step, params, params)
+    assert jax.tree.map(lambda x: x.dtype, actual) == jax.tree.map(
+        lambda x: x.dtype, expected
+    )
 
 
 @given(data=st.data())
@@ -249,6 +292,47 @@ def test_rounded_intermediates_within_ulps_of_optax(dtype, mu_dtype, data):
                     f"step {step} {name}: {error.max()} {ulp_dtype.name} ULPs"
                 )
         state = spec_state
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+def test_compute_dtype_is_the_promoted_dtype_at_least_float32(x64):
+    """The precision rule's dtype, also where jnp's default float is float64."""
+    with jax.enable_x64(x64):
+        f32 = jnp.dtype(jnp.float32)
+        assert spec.compute_dtype(jnp.bfloat16) == f32
+        assert spec.compute_dtype(jnp.float16, jnp.bfloat16) == f32
+        assert spec.compute_dtype(jnp.float32, jnp.bfloat16) == f32
+        assert spec.compute_dtype(jnp.float32) == f32
+        if x64:
+            assert spec.compute_dtype(jnp.float64, jnp.float32) == jnp.float64
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_leaves_are_computed_in_float32_and_rounded_once(dtype):
+    """The precision rule, directly: a 16-bit leaf's outputs are the outputs
+    of the same values as float32 leaves, each rounded once to 16 bits."""
+    hp = spec.Hyperparams(learning_rate=0.01, eps=1e-3)
+    params = jnp.linspace(-3, 3, 41).astype(dtype)
+    grads = [
+        jnp.cos(7 * params.astype(jnp.float32) + s).astype(dtype) for s in range(2)
+    ]
+    narrow_state = spec.init(params)
+    for g in grads:
+        wide_state = jax.tree.map(lambda x: x.astype(jnp.float32), narrow_state)
+        wide_state = wide_state._replace(count=narrow_state.count)
+        wide = spec.step(
+            g.astype(jnp.float32), wide_state, params.astype(jnp.float32), hp
+        )
+        narrow = spec.step(g, narrow_state, params, hp)
+        wide_update = spec.update(g.astype(jnp.float32), wide_state, hp)[0]
+        narrow_update = spec.update(g, narrow_state, hp)[0]
+        rounded = jax.tree.map(
+            lambda w, n: w.astype(n.dtype) if w.dtype != jnp.int32 else w,
+            (wide, wide_update),
+            (narrow, narrow_update),
+        )
+        tolerances.assert_trees_equal((narrow, narrow_update), rounded)
+        narrow_state = narrow[1]
 
 
 def test_spec_avoids_optax_float16_nan():

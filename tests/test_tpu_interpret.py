@@ -120,6 +120,27 @@ def test_tpu_kernel_matches_spec_without_races(dtype, mu_dtype, data):
         )
 
 
+def test_tpu_kernel_on_a_multi_block_tree():
+    """One fixed case, fast enough for the mutation-testing selection: a
+    three-block leaf and a one-block leaf, two steps, mixed dtypes."""
+    params = {
+        "w": jnp.linspace(-1, 1, 48 * _kernel.LANES).reshape(48, _kernel.LANES),
+        "b": jnp.linspace(-2, 2, 16 * _kernel.LANES).astype(jnp.bfloat16),
+    }
+    grads = [
+        jax.tree.map(lambda p, s=s: jnp.cos(p * (2 + s)), params) for s in range(2)
+    ]
+    with tpu_interpreter(interpret_params()):
+        check_against_spec(
+            "pallas",
+            params,
+            grads,
+            spec.Hyperparams(0.01, mu_dtype=jnp.float32),
+            pallas_amsgrad.BlockSizes(16),
+            max_ulps=tolerances.INTERPRETED_TPU_ULPS,
+        )
+
+
 @pytest.mark.xfail(
     strict=True,
     raises=ValueError,
