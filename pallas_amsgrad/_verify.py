@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import optax
 
 import amsgrad_spec as spec
 from pallas_amsgrad import _transform
+from pallas_amsgrad._environment import environment
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 MU_DTYPES = (None, "bfloat16", "float16", "float32")
@@ -278,33 +278,6 @@ def _combine(a, b):
         return b
     ulps, dtype = max(a[:2], b[:2], key=lambda r: r[0])
     return ulps, dtype, a[2] + b[2]
-
-
-def environment() -> dict[str, str]:
-    """What a bug report needs to reproduce a run."""
-    import importlib.metadata
-    import platform
-
-    import jaxlib
-
-    def version(package):
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "pallas_amsgrad": version("pallas-amsgrad"),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.system()} {platform.machine()}",
-        "backend": jax.default_backend(),
-        "devices": ", ".join(sorted({d.device_kind for d in jax.devices()})),
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-    }
 
 
 def report(rows: list[Row], *, params, source: str, steps: int, learning_rate) -> dict:

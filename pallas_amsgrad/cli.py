@@ -35,6 +35,56 @@ def _verify(args) -> int:
     return 0 if run["failed"] == 0 else 1
 
 
+def _bench(args, parser) -> int:
+    from pallas_amsgrad import _bench
+
+    try:
+        sizes = [_bench.parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        workloads = _bench.workloads(sizes, models)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error(
+                "--png needs matplotlib: pip install 'pallas-amsgrad[bench]', "
+                "or pass --png '' to skip the plot"
+            )
+    baseline = None
+    if args.compare:
+        with open(args.compare) as f:
+            baseline = json.load(f)
+        if "cases" not in baseline or "config" not in baseline:
+            parser.error(f"{args.compare} is not a `pallas-amsgrad bench` JSON file")
+    config = _bench.Config(dtype=args.dtype, mu_dtype=args.mu_dtype)
+    if baseline is not None:
+        theirs = (baseline["config"]["dtype"], baseline["config"]["mu_dtype"])
+        if theirs != (config.dtype, config.mu_dtype):
+            parser.error(
+                f"{args.compare} measured dtype, mu_dtype = {theirs}; this run "
+                f"{(config.dtype, config.mu_dtype)}: pass the same --dtype/--mu-dtype"
+            )
+    cases = _bench.measure(
+        workloads, _bench.contenders(with_torch=not args.no_torch), config, args.rounds
+    )
+    run = _bench.report(cases, config, args.rounds)
+    print(_bench.format_table(run))
+    with open(args.json, "w") as f:
+        json.dump(run, f, indent=2)
+    print(f"wrote {args.json}")
+    if args.png:
+        _bench.plot(run, args.png)
+        print(f"wrote {args.png}")
+    if baseline is None:
+        return 0
+    lines, regressed = _bench.compare(run, baseline, args.tolerance)
+    print(f"against {args.compare} (tolerance {args.tolerance:.0%}):")
+    print("\n".join(lines))
+    return 1 if regressed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pallas-amsgrad", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,7 +109,54 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="also write the report as JSON to PATH; '-' prints only the JSON",
     )
+    bench = commands.add_parser(
+        "bench",
+        help="time one step against optax, torch and the memory roofline",
+        description="Times this package's step and update, optax.amsgrad + "
+        "apply_updates (plain and donated) and torch's fused AMSGrad (when "
+        "installed) on flat and model-shaped trees, beside a streaming pass "
+        "with the same bytes (the roofline). Prints a table, writes JSON and a "
+        "PNG plot; with --compare, exits 1 if a case's fraction of the "
+        "roofline fell by more than --tolerance.",
+    )
+    bench.add_argument(
+        "--sizes",
+        default="1M,4M,16M",
+        help="flat single-leaf workloads, comma-separated (e.g. 1M,64M; '' for none)",
+    )
+    bench.add_argument(
+        "--models",
+        default="gpt2-small,llama-small",
+        help="model-shaped workloads, comma-separated ('' for none)",
+    )
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument(
+        "--mu-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="default: param",
+    )
+    bench.add_argument("--rounds", type=int, default=5, help="timed calls per case")
+    bench.add_argument("--json", default="bench.json", metavar="PATH")
+    bench.add_argument(
+        "--png", default="bench.png", metavar="PATH", help="'' to skip the plot"
+    )
+    bench.add_argument("--no-torch", action="store_true", help="leave torch out")
+    bench.add_argument("--compare", metavar="BASELINE.json")
+    bench.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.35,
+        help="allowed relative drop in fraction of roofline (default 0.35; "
+        "small workloads on a shared CPU vary about that much)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        if args.rounds < 1:
+            parser.error(f"--rounds must be at least 1, got {args.rounds}")
+        if not 0 <= args.tolerance < 1:
+            parser.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+        return _bench(args, parser)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     return _verify(args)

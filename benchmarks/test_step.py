@@ -1,0 +1,58 @@
+"""pytest-benchmark suite: the cases of `pallas-amsgrad bench`, one test each.
+
+    pytest benchmarks --benchmark-only
+    pytest benchmarks --benchmark-only --benchmark-autosave   # then --benchmark-compare
+
+Each test times one call of a contender (a whole optimizer step that blocks
+until its outputs are ready). The roofline case (a streaming pass with the
+step's bytes) runs beside them; `pallas-amsgrad bench` turns the same cases
+into fractions of that roofline and tracks regressions with --compare.
+Set PALLAS_AMSGRAD_BENCH_SIZES (e.g. "1M,64M") and
+PALLAS_AMSGRAD_BENCH_MODELS (e.g. "gpt2-small") to choose the workloads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from pallas_amsgrad import _bench
+
+SIZES = [
+    _bench.parse_size(s)
+    for s in os.environ.get("PALLAS_AMSGRAD_BENCH_SIZES", "1M,4M,16M").split(",")
+    if s.strip()
+]
+MODELS = [
+    m
+    for m in os.environ.get(
+        "PALLAS_AMSGRAD_BENCH_MODELS", "gpt2-small,llama-small"
+    ).split(",")
+    if m.strip()
+]
+WORKLOADS = _bench.workloads(SIZES, MODELS)
+CONTENDERS = {c.name: c for c in _bench.contenders(with_torch=True)}
+CONFIG = _bench.Config()
+
+
+@pytest.mark.parametrize("contender", list(CONTENDERS))
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_step(benchmark, workload, contender):
+    shapes = WORKLOADS[workload]
+    chosen = CONTENDERS[contender]
+    run = chosen.build(shapes, CONFIG)
+    parameters = sum(math.prod(s) for s in shapes.values())
+    bytes_per_param = _bench.min_bytes_per_param(
+        CONFIG.dtype, CONFIG.mu_dtype, chosen.job
+    )
+    benchmark.extra_info.update(
+        parameters=parameters,
+        leaves=len(shapes),
+        bytes_per_param=bytes_per_param,
+    )
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    benchmark.extra_info["gb_per_s"] = (
+        bytes_per_param * parameters / benchmark.stats.stats.median / 1e9
+    )
