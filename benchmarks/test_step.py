@@ -20,19 +20,10 @@ import pytest
 
 from pallas_amsgrad import _bench
 
-SIZES = [
-    _bench.parse_size(s)
-    for s in os.environ.get("PALLAS_AMSGRAD_BENCH_SIZES", "1M,4M,16M").split(",")
-    if s.strip()
-]
-MODELS = [
-    m
-    for m in os.environ.get(
-        "PALLAS_AMSGRAD_BENCH_MODELS", "gpt2-small,llama-small"
-    ).split(",")
-    if m.strip()
-]
-WORKLOADS = _bench.workloads(SIZES, MODELS)
+WORKLOADS = _bench.parse_workloads(
+    os.environ.get("PALLAS_AMSGRAD_BENCH_SIZES", _bench.DEFAULT_SIZES),
+    os.environ.get("PALLAS_AMSGRAD_BENCH_MODELS", _bench.DEFAULT_MODELS),
+)
 CONTENDERS = {c.name: c for c in _bench.contenders(with_torch=True)}
 CONFIG = _bench.Config()
 

@@ -86,7 +86,8 @@ MODELS: dict[str, Callable[[], Shapes]] = {
     "gpt2-small": gpt2_small,
     "llama-small": llama_small,
 }
-DEFAULT_SIZES = (1 << 20, 1 << 22, 1 << 24)
+DEFAULT_SIZES = "1M,4M,16M"
+DEFAULT_MODELS = ",".join(MODELS)
 
 
 def parse_size(text: str) -> int:
@@ -102,6 +103,14 @@ def size_label(size: int) -> str:
         if size >= 1 << shift and size % (1 << shift) == 0:
             return f"{size >> shift}{unit}"
     return str(size)
+
+
+def parse_workloads(sizes: str, models: str) -> dict[str, Shapes]:
+    """`workloads` from comma-separated text ('' for none), e.g. "1M,64K"."""
+    return workloads(
+        [parse_size(s) for s in sizes.split(",") if s.strip()],
+        [m.strip() for m in models.split(",") if m.strip()],
+    )
 
 
 def workloads(sizes: Iterable[int], models: Iterable[str]) -> dict[str, Shapes]:
@@ -198,22 +207,21 @@ def _carry_step(fn, donate: bool, shapes, config, optimizer):
     return run
 
 
-def _ours(implementation, config):
-    return pallas_amsgrad.amsgrad(
-        LEARNING_RATE, mu_dtype=config.mu_dtype, implementation=implementation
-    )
+def _ours(config):
+    """This package's optimizer with its default implementation here."""
+    return pallas_amsgrad.amsgrad(LEARNING_RATE, mu_dtype=config.mu_dtype)
 
 
 def _our_step(donate: bool):
     def build(shapes, config):
-        opt = _ours(None, config)
+        opt = _ours(config)
         return _carry_step(opt.step, donate, shapes, config, opt)
 
     return build
 
 
 def _our_update(shapes, config):
-    opt = _ours(None, config)
+    opt = _ours(config)
 
     def update_only(state, grads):
         updates, state = opt.update(grads, state)

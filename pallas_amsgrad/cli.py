@@ -39,9 +39,10 @@ def _bench(args, parser) -> int:
     from pallas_amsgrad import _bench
 
     try:
-        sizes = [_bench.parse_size(s) for s in args.sizes.split(",") if s.strip()]
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
-        workloads = _bench.workloads(sizes, models)
+        workloads = _bench.parse_workloads(
+            _bench.DEFAULT_SIZES if args.sizes is None else args.sizes,
+            _bench.DEFAULT_MODELS if args.models is None else args.models,
+        )
     except ValueError as error:
         parser.error(str(error))
     if args.png:
@@ -121,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument(
         "--sizes",
-        default="1M,4M,16M",
-        help="flat single-leaf workloads, comma-separated (e.g. 1M,64M; '' for none)",
+        help="flat single-leaf workloads, comma-separated (default 1M,4M,16M; "
+        "e.g. 1M,64M; '' for none)",
     )
     bench.add_argument(
         "--models",
-        default="gpt2-small,llama-small",
-        help="model-shaped workloads, comma-separated ('' for none)",
+        help="model-shaped workloads, comma-separated (default gpt2-small,"
+        "llama-small; '' for none)",
     )
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     bench.add_argument(

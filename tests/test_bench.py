@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 
@@ -42,20 +43,13 @@ def test_parse_size():
 
 def test_model_workloads_have_their_published_sizes():
     sizes = {
-        name: sum(_prod(s) for s in shapes.values())
+        name: sum(math.prod(s) for s in shapes.values())
         for name, shapes in _bench.workloads([], _bench.MODELS).items()
     }
     assert sizes["gpt2-small"] == 124_439_808  # GPT-2 small, tied embedding.
     assert 50e6 < sizes["llama-small"] < 70e6
     with pytest.raises(ValueError, match="unknown model 'gpt5'"):
         _bench.workloads([], ["gpt5"])
-
-
-def _prod(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _run(*fractions):
