@@ -1,9 +1,11 @@
-"""The fused AMSGrad Pallas kernel: one pass over one leaf, in place.
+"""The fused AMSGrad Pallas kernels: one pass over every leaf, in place.
 
 Reads (param,) grad, mu, nu, nu_max once and writes (param | update), mu, nu,
-nu_max once. Layers read top-down: `amsgrad_leaf` (layout, padding, platform
-dispatch) -> `_amsgrad_pallas` (grid, BlockSpecs, `pallas_call`) ->
-`_amsgrad_kernel` (the body, which is `_math.amsgrad_block`).
+nu_max once. Layers read top-down: `amsgrad_group` (platform dispatch) ->
+TPU: `_tpu_group` (one launch per dtype group); GPU and the interpreter:
+`_amsgrad_leaf` (a (rows, 128) view, padding) -> `_amsgrad_pallas` (grid,
+BlockSpecs, `pallas_call`). Every path runs `amsgrad_kernel`, the body, which
+is `_math.amsgrad_block`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_amsgrad import _math
+from pallas_amsgrad import _gpu_group, _math, _tpu_group
 
 LANES = 128
 # Rows of a block must tile bfloat16/float16 on TPU (16 sublanes when packed).
@@ -30,6 +33,10 @@ TPU_VMEM_BYTES = 16 * 1024 * 1024
 # Dynamic shared memory per block on H100/H200, as Mosaic GPU checks it.
 GPU_SMEM_BYTES = 232448
 GPU_WARPGROUP_THREADS = 128
+# Leaves per Mosaic GPU launch. Lowering a kernel takes time that grows with
+# the square of its TMA copies (jax 0.10.2); GPT-2 small's 148 leaves lowered
+# in 52 s as one kernel, 27 s in launches of 64, 18 s of 32, 13 s of 16.
+GPU_LEAVES_PER_LAUNCH = 16
 # Flops per element of `_math.amsgrad_block` plus the param add (counted by hand).
 FLOPS_PER_ELEMENT = 15
 
@@ -90,70 +97,90 @@ def check_fits(
         )
 
 
-def amsgrad_leaf(
+def amsgrad_group(
     coefficients: jax.Array,
-    grad: jax.Array,
-    mu: jax.Array,
-    nu: jax.Array,
-    nu_max: jax.Array,
-    param: jax.Array | None,
+    leaves: Sequence[Sequence[jax.Array]],
     *,
     out_dtypes: Sequence[jnp.dtype],
+    apply_to_params: bool,
     block_sizes: BlockSizes | None = None,
     tpu_interpret_params: pltpu.InterpretParams | None = None,
-) -> tuple[jax.Array, ...]:
-    """Fused AMSGrad on one leaf of any shape.
+    gpu_interpret_params: Any = None,
+) -> list[tuple[jax.Array, ...]]:
+    """Fused AMSGrad on leaves of any shapes that share their dtypes.
+
+    TPU takes the whole group in one launch (`_tpu_group`), GPU one launch
+    per `GPU_LEAVES_PER_LAUNCH` leaves (`_gpu_group`); the generic
+    interpreter runs one kernel per leaf.
 
     Args:
       coefficients: the `_math.Coefficients` stacked into a 1-D array of the
         compute dtype.
-      grad, mu, nu, nu_max: the leaf's gradient and moments, same shape.
-      param: the parameter to apply the update to, or None to return the
-        update instead.
+      leaves: per leaf, its ([param,] grad, mu, nu, nu_max), each of one
+        shape; the dtypes of each position are the same for every leaf.
       out_dtypes: dtypes of (param | update, mu, nu, nu_max) written.
+      apply_to_params: whether each leaf starts with the param to apply the
+        update to; if not, the update itself is returned.
       block_sizes: overrides every platform's default.
-      tpu_interpret_params: runs the TPU kernel (its block sizes, SMEM
-        scalars, grid semantics) in Pallas' TPU interpreter on any backend,
+      tpu_interpret_params: runs the TPU kernel (its blocks, DMAs, SMEM
+        scalars and two cores) in Pallas' TPU interpreter on any backend,
         with these settings (e.g. race detection); for testing without a TPU.
+      gpu_interpret_params: likewise the GPU kernel (its grid, TMA copies and
+        barriers) in Pallas' Mosaic GPU interpreter, given its
+        `InterpretGPUParams`.
 
     Returns:
-      (new param | update, mu, nu, nu_max), shaped like `grad`.
+      Per leaf, (new param | update, mu, nu, nu_max) in the leaf's shape.
     """
-    shape = grad.shape
-    inputs = ([] if param is None else [param]) + [grad, mu, nu, nu_max]
-    size = math.prod(shape)
-    if size == 0:
-        return tuple(jnp.zeros(shape, d) for d in out_dtypes)
-    # A (rows, 128) view is free when the size divides into lanes; otherwise
-    # the leaf is padded with zeros, which compute to zeros and are cut off.
-    padded = -size % LANES
-    rows = (size + padded) // LANES
-
-    def as_rows(x):
-        flat = x.reshape(-1)
-        if padded:
-            flat = jnp.pad(flat, (0, padded))
-        return flat.reshape(rows, LANES)
-
-    args = (coefficients, *map(as_rows, inputs))
-    all_dtypes = [x.dtype for x in inputs] + list(out_dtypes)
+    results = [
+        tuple(jnp.zeros(leaf[0].shape, d) for d in out_dtypes) for leaf in leaves
+    ]
+    nonempty = [k for k, leaf in enumerate(leaves) if leaf[0].size]
+    if not nonempty:
+        return results
+    all_dtypes = [x.dtype for x in leaves[0]] + list(out_dtypes)
     has_64_bit = any(jnp.dtype(d).itemsize == 8 for d in all_dtypes)
+    arity = len(leaves[0])
 
-    def branch(platform, interpret=None):
+    def branch(platform, interpret=False):
         sizes = block_sizes or BlockSizes.get_default(platform)
         if platform in COMPILED_PLATFORMS:
             check_fits(sizes, all_dtypes, platform)
-        return functools.partial(
-            _amsgrad_pallas,
+        options = dict(
             out_dtypes=tuple(out_dtypes),
             block_rows=sizes.block_rows,
-            apply_to_params=param is not None,
-            platform=platform,
-            interpret=interpret,
+            apply_to_params=apply_to_params,
         )
 
+        def run(coefficients, *flat):
+            grouped = [flat[i : i + arity] for i in range(0, len(flat), arity)]
+            if platform == "tpu":
+                return _tpu_group.amsgrad_tpu_group(
+                    coefficients, grouped, interpret=interpret, **options
+                )
+            if platform == "cuda":
+                chunk = GPU_LEAVES_PER_LAUNCH
+                return [
+                    leaf_outputs
+                    for start in range(0, len(grouped), chunk)
+                    for leaf_outputs in _gpu_group.amsgrad_gpu_group(
+                        coefficients,
+                        grouped[start : start + chunk],
+                        interpret=interpret,
+                        **options,
+                    )
+                ]
+            return [
+                _interpreted_leaf(coefficients, *leaf, **options) for leaf in grouped
+            ]
+
+        return run
+
+    args = [coefficients, *(x for k in nonempty for x in leaves[k])]
     if tpu_interpret_params is not None:
         outputs = branch("tpu", tpu_interpret_params)(*args)
+    elif gpu_interpret_params is not None:
+        outputs = branch("cuda", gpu_interpret_params)(*args)
     elif has_64_bit:  # No accelerator kernel takes float64: interpret anywhere.
         outputs = branch("interpret")(*args)
     else:
@@ -162,78 +189,100 @@ def amsgrad_leaf(
             default=branch("interpret"),
             **{p: branch(p) for p in COMPILED_PLATFORMS},
         )
-    return tuple(out.reshape(-1)[:size].reshape(shape) for out in outputs)
+    for k, leaf_outputs in zip(nonempty, outputs, strict=True):
+        results[k] = tuple(leaf_outputs)
+    return results
 
 
-def _amsgrad_pallas(
-    coefficients, *arrays, out_dtypes, block_rows, apply_to_params, platform, interpret
-):
-    """One pallas_call over (rows, 128) arrays; outputs alias matching inputs.
+def as_rows(x: jax.Array) -> jax.Array:
+    """A (rows, 128) view: free when the size divides into 128 lanes; else
+    the leaf is padded with zeros (a copy), which compute to zeros."""
+    flat = x.reshape(-1)
+    if padding := -flat.size % LANES:
+        flat = jnp.pad(flat, (0, padding))
+    return flat.reshape(-1, LANES)
 
-    `interpret`: None compiles for `platform` where it is a compiled one and
-    interprets elsewhere; `pltpu.InterpretParams` interprets a TPU kernel.
-    """
+
+def from_rows(rows: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """The leaf back from its `as_rows` view, any padding cut off."""
+    size = math.prod(shape)
+    flat = rows.reshape(-1)
+    return (flat[:size] if flat.size != size else flat).reshape(shape)
+
+
+def _interpreted_leaf(coefficients, *inputs, out_dtypes, block_rows, apply_to_params):
+    """One kernel for one leaf, through its (rows, 128) view, in Pallas'
+    generic interpreter (XLA on whatever backend runs it)."""
+    outputs = _amsgrad_pallas(
+        coefficients,
+        *map(as_rows, inputs),
+        out_dtypes=out_dtypes,
+        block_rows=block_rows,
+        apply_to_params=apply_to_params,
+    )
+    return tuple(from_rows(out, inputs[0].shape) for out in outputs)
+
+
+def _amsgrad_pallas(coefficients, *arrays, out_dtypes, block_rows, apply_to_params):
+    """One interpreted pallas_call over (rows, 128) arrays; outputs alias
+    matching inputs."""
     rows = arrays[0].shape[0]
     block_rows = min(block_rows, rows)  # A block may span the whole array.
     block = pl.BlockSpec((block_rows, LANES), lambda i: (i, 0))
-    scalar_space = plgpu.GMEM if platform == "cuda" else pltpu.SMEM
-    # The output each array is written back to (grad is only read); an alias
-    # needs equal dtypes, so e.g. a mu promoted from bfloat16 is a new buffer.
-    write_back = ([0] if apply_to_params else []) + [None, 1, 2, 3]
     aliases = {
-        1 + k: out
-        for k, (array, out) in enumerate(zip(arrays, write_back, strict=True))
-        if out is not None and array.dtype == out_dtypes[out]
+        1 + k: out  # Operand 0 is the coefficients.
+        for k, out in aliased_outputs(arrays, out_dtypes, apply_to_params).items()
     }
     return pl.pallas_call(
         functools.partial(
-            _amsgrad_kernel,
-            apply_to_params=apply_to_params,
-            load=_gpu_load if platform == "cuda" else _load,
-            sqrt=_math.sqrt_via_rsqrt if platform == "cuda" else jnp.sqrt,
+            amsgrad_kernel, apply_to_params=apply_to_params, load=load, sqrt=jnp.sqrt
         ),
         grid=(pl.cdiv(rows, block_rows),),
-        in_specs=[pl.BlockSpec(memory_space=scalar_space)] + [block] * len(arrays),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [block] * len(arrays),
         out_specs=[block] * len(out_dtypes),
         out_shape=[jax.ShapeDtypeStruct((rows, LANES), d) for d in out_dtypes],
         input_output_aliases=aliases,
-        compiler_params=_compiler_params(platform),  # pragma: no mutate
-        cost_estimate=_cost_estimate(rows, arrays, out_dtypes),  # pragma: no mutate
-        interpret=(
-            platform not in COMPILED_PLATFORMS if interpret is None else interpret
-        ),
+        interpret=True,
         name="amsgrad",  # pragma: no mutate
     )(coefficients, *arrays)
 
 
-# Scheduling hints, left out of mutation testing: results do not depend on them.
-def _compiler_params(platform):  # pragma: no mutate block
-    """The grid's steps are independent: TPU may split them across cores."""
-    if platform == "tpu":
-        return pltpu.CompilerParams(dimension_semantics=("parallel",))
-    return None
+def aliased_outputs(
+    inputs: Sequence[jax.Array], out_dtypes: Sequence[jnp.dtype], apply_to_params: bool
+) -> dict[int, int]:
+    """{input position: output position} for the arrays updated in place.
+
+    Each of param, mu, nu, nu_max is replaced by its output (grad is only
+    read); an alias needs equal dtypes, so e.g. a mu promoted from bfloat16
+    to float32 is written to a new buffer.
+    """
+    replaced_by = ([0] if apply_to_params else []) + [None, 1, 2, 3]
+    return {
+        k: out
+        for k, (array, out) in enumerate(zip(inputs, replaced_by, strict=True))
+        if out is not None and array.dtype == out_dtypes[out]
+    }
 
 
-def _cost_estimate(rows, arrays, out_dtypes):  # pragma: no mutate block
-    """What one call costs, for XLA's scheduler: every array read or written
+# A scheduling hint, left out of mutation testing: results do not depend on it.
+def cost_estimate(
+    elements: int, in_dtypes: Sequence[jnp.dtype], out_dtypes: Sequence[jnp.dtype]
+) -> pl.CostEstimate:  # pragma: no mutate block
+    """What a call costs, for XLA's scheduler: every array read or written
     once, FLOPS_PER_ELEMENT flops and one sqrt per element."""
-    elements = rows * LANES
-    bytes_moved = elements * (
-        sum(a.dtype.itemsize for a in arrays)
-        + sum(np.dtype(d).itemsize for d in out_dtypes)
-    )
+    bytes_per_element = sum(np.dtype(d).itemsize for d in (*in_dtypes, *out_dtypes))
     return pl.CostEstimate(
         flops=FLOPS_PER_ELEMENT * elements,
         transcendentals=elements,
-        bytes_accessed=bytes_moved,
+        bytes_accessed=bytes_per_element * elements,
     )
 
 
-def _load(ref):
+def load(ref):
     return ref[...]
 
 
-def _gpu_load(ref):
+def gpu_load(ref):
     """Loads every block in one register layout, whatever its dtype.
 
     Mosaic GPU picks a layout per dtype by default, and cannot then add a
@@ -248,7 +297,7 @@ def _gpu_load(ref):
     return plgpu.load(ref, (), layout=layout)
 
 
-def _amsgrad_kernel(coefficients_ref, *refs, apply_to_params, load, sqrt):
+def amsgrad_kernel(coefficients_ref, *refs, apply_to_params, load, sqrt):
     """The body: load blocks, run `amsgrad_block` in the compute dtype, store."""
     if apply_to_params:
         param_ref, *refs = refs

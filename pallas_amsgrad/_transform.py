@@ -87,19 +87,29 @@ def _fused_update(grads, state, params, step_size, is_schedule, hp: _Hyperparams
     flat_params = [None] * treedef.num_leaves
     if params is not None:
         flat_params = treedef.flatten_up_to(params)
-    results = []
-    for grad, mu, nu, nu_max, param in zip(
-        jax.tree.leaves(grads),
-        *(treedef.flatten_up_to(t) for t in (state.mu, state.nu, state.nu_max)),
-        flat_params,
-        strict=True,
+    # Leaves with the same dtypes share coefficients and one kernel launch.
+    groups = {}
+    for index, (grad, mu, nu, nu_max, param) in enumerate(
+        zip(
+            jax.tree.leaves(grads),
+            *(treedef.flatten_up_to(t) for t in (state.mu, state.nu, state.nu_max)),
+            flat_params,
+            strict=True,
+        )
     ):
         out_dtypes, compute = _leaf_dtypes(
             grad, mu, nu, nu_max, hp, step_size, is_schedule
         )
+        inputs = (grad, mu, nu, nu_max)
         if param is not None:
             out_dtypes = (param.dtype, *out_dtypes[1:])
             compute = jnp.result_type(compute, param.dtype)
+            inputs = (param, *inputs)
+        key = (tuple(x.dtype for x in inputs), out_dtypes, compute)
+        groups.setdefault(key, []).append((index, inputs))
+
+    results = [None] * treedef.num_leaves
+    for (_, out_dtypes, compute), members in groups.items():
         coefficients = _math.Coefficients(
             step_size=1 if step_size is None else step_size,
             one_minus_b1=1 - hp.b1,
@@ -112,19 +122,16 @@ def _fused_update(grads, state, params, step_size, is_schedule, hp: _Hyperparams
             inverse_bias_correction_nu=1 / jnp.asarray(corrections[1], compute),
         )
         coefficients = jnp.stack([jnp.asarray(c).astype(compute) for c in coefficients])
-        leaf = _kernel.amsgrad_leaf if implementation == "pallas" else _xla_leaf
-        results.append(
-            leaf(
-                coefficients,
-                grad,
-                mu,
-                nu,
-                nu_max,
-                param,
-                out_dtypes=out_dtypes,
-                block_sizes=hp.block_sizes,
-            )
+        group = _kernel.amsgrad_group if implementation == "pallas" else _xla_group
+        outputs = group(
+            coefficients,
+            [inputs for _, inputs in members],
+            out_dtypes=out_dtypes,
+            apply_to_params=params is not None,
+            block_sizes=hp.block_sizes,
         )
+        for (index, _), leaf_outputs in zip(members, outputs, strict=True):
+            results[index] = leaf_outputs
     first, mu, nu, nu_max = (
         treedef.unflatten([leaf_results[i] for leaf_results in results])
         for i in range(4)
@@ -132,18 +139,26 @@ def _fused_update(grads, state, params, step_size, is_schedule, hp: _Hyperparams
     return first, optax.ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
 
-def _xla_leaf(coefficients, grad, mu, nu, nu_max, param, *, out_dtypes, block_sizes):
-    """The same block math on whole arrays; XLA fuses it into one loop."""
+def _xla_group(coefficients, leaves, *, out_dtypes, apply_to_params, block_sizes):
+    """The same block math on whole arrays; XLA fuses each leaf into loops."""
     del block_sizes
     dtype = coefficients.dtype
-    update, *moments = _math.amsgrad_block(
-        *(x.astype(dtype) for x in (grad, mu, nu, nu_max)), list(coefficients)
-    )
-    if param is not None:
-        update = param.astype(dtype) + update
-    return tuple(
-        x.astype(d) for x, d in zip((update, *moments), out_dtypes, strict=True)
-    )
+    results = []
+    for leaf in leaves:
+        param, (grad, mu, nu, nu_max) = (
+            (leaf[0], leaf[1:]) if apply_to_params else (None, leaf)
+        )
+        update, *moments = _math.amsgrad_block(
+            *(x.astype(dtype) for x in (grad, mu, nu, nu_max)), list(coefficients)
+        )
+        if param is not None:
+            update = param.astype(dtype) + update
+        results.append(
+            tuple(
+                x.astype(d) for x, d in zip((update, *moments), out_dtypes, strict=True)
+            )
+        )
+    return results
 
 
 def _init_state(params, mu_dtype) -> optax.ScaleByAmsgradState:

@@ -82,6 +82,37 @@ def trajectories(draw, dtype, shapes_strategy=param_shapes, steps=STEPS):
     return params, grads
 
 
+@st.composite
+def interpreter_cases(draw, dtype, mu_dtype, block_rows_choices):
+    """(params, grads, hp, block_rows) for the accelerator-interpreter lanes:
+    2-4 leaves of any shape, with blocks small enough to span several."""
+    leaf_shapes = st.lists(shapes, min_size=2, max_size=4).filter(
+        lambda leaves: any(math.prod(s) for s in leaves)  # A kernel must run.
+    )
+    params, grads = draw(trajectories(dtype, shapes_strategy=leaf_shapes))
+    return (
+        params,
+        grads,
+        draw(hyperparams(mu_dtype)),
+        draw(st.sampled_from(block_rows_choices)),
+    )
+
+
+# (param dtype, mu_dtype) for the interpreter lanes: every kernel path (a
+# packed 16-bit block, an aliased mu, a mu promoted to a new buffer, a 16-bit
+# mu beside float32 params) at a few examples each, as each example is slow.
+INTERPRETER_DTYPE_PAIRS = [
+    (jnp.float32, None),
+    (jnp.bfloat16, None),
+    (jnp.float16, jnp.float32),
+    (jnp.float32, jnp.bfloat16),
+]
+INTERPRETER_DTYPE_IDS = [
+    f"{jnp.dtype(p).name}-mu={m and jnp.dtype(m).name}"
+    for p, m in INTERPRETER_DTYPE_PAIRS
+]
+
+
 def _piecewise_schedule(base):
     return optax.piecewise_constant_schedule(base, {1: 0.5, 2: 3.0})
 

@@ -1,9 +1,9 @@
 """The TPU kernel under Pallas' TPU interpreter, with its race detector on.
 
 `pltpu.InterpretParams` simulates a TPU on the CPU: HBM and VMEM buffers, the
-SMEM scalars, two TensorCores sharing the "parallel" grid in a random order,
-a happens-before race detector, NaN-filled uninitialized memory and an error
-on any out-of-bounds read. The kernel runs with the TPU's own block sizes and
+SMEM scalars, DMAs and their semaphores, two TensorCores sharing the
+"parallel" grid in a random order, a happens-before race detector, NaN-filled
+uninitialized memory and an error on any out-of-bounds read. The kernel runs with the TPU's own block sizes and
 compiler parameters; results are checked against the spec.
 """
 
@@ -27,22 +27,13 @@ from test_implementations import check_against_spec
 
 import amsgrad_spec as spec
 import pallas_amsgrad
-from pallas_amsgrad import _kernel
+from pallas_amsgrad import _kernel, _tpu_group
 
 pytestmark = pytest.mark.slow
 
 # Block rows on the interpreted TPU; the defaults (1024) would make every test
 # array a single block. Small blocks give multi-step grids on small arrays.
 TPU_BLOCK_ROWS = [16, 32]
-# (param dtype, mu_dtype): every kernel path (a packed 16-bit block, an aliased
-# mu, a mu promoted to a new buffer, a 16-bit mu beside float32 params) at a
-# few examples each; the interpreter costs ~10 s per example.
-DTYPE_PAIRS = [
-    (jnp.float32, None),
-    (jnp.bfloat16, None),
-    (jnp.float16, jnp.float32),
-    (jnp.float32, jnp.bfloat16),
-]
 
 
 def interpret_params(**overrides) -> pltpu.InterpretParams:
@@ -62,8 +53,8 @@ def tpu_interpreter(params: pltpu.InterpretParams):
     pltpu.reset_tpu_interpret_mode_state()
     with mock.patch.object(
         _kernel,
-        "amsgrad_leaf",
-        functools.partial(_kernel.amsgrad_leaf, tpu_interpret_params=params),
+        "amsgrad_group",
+        functools.partial(_kernel.amsgrad_group, tpu_interpret_params=params),
     ):
         yield
     races = interpret_pallas_call.races
@@ -71,42 +62,17 @@ def tpu_interpreter(params: pltpu.InterpretParams):
     assert not races.races_found, "the TPU interpreter detected a data race"
 
 
-@st.composite
-def whole_block_shapes(draw, block_rows):
-    """Leaf shapes whose (rows, 128) view is one block or whole blocks.
-
-    jax 0.10's TPU interpreter cannot return an aliased output whose last block
-    overhangs the array (test_overhanging_block_with_aliases); compiled Mosaic
-    and the generic interpreter (tests/test_implementations.py) handle it.
-    """
-    lanes = _kernel.LANES
-    rows = draw(
-        st.one_of(
-            st.integers(1, block_rows),
-            st.integers(1, 3).map(lambda n: n * block_rows),
-        )
-    )
-    tail = draw(st.integers(0, lanes - 1)) if rows <= block_rows else 0
-    size = max(1, rows * lanes - tail)
-    return draw(st.sampled_from([(size,), (1, size)]))
-
-
 @settings(max_examples=4)
 @given(data=st.data())
 @pytest.mark.parametrize(
     "dtype, mu_dtype",
-    DTYPE_PAIRS,
-    ids=[f"{jnp.dtype(p).name}-mu={m and jnp.dtype(m).name}" for p, m in DTYPE_PAIRS],
+    strategies.INTERPRETER_DTYPE_PAIRS,
+    ids=strategies.INTERPRETER_DTYPE_IDS,
 )
 def test_tpu_kernel_matches_spec_without_races(dtype, mu_dtype, data):
-    block_rows = data.draw(st.sampled_from(TPU_BLOCK_ROWS))
-    shapes = st.lists(
-        st.one_of(whole_block_shapes(block_rows), st.sampled_from([(), (0,), (3, 5)])),
-        min_size=2,
-        max_size=4,
+    params, grads, hp, block_rows = data.draw(
+        strategies.interpreter_cases(dtype, mu_dtype, TPU_BLOCK_ROWS)
     )
-    params, grads = data.draw(strategies.trajectories(dtype, shapes_strategy=shapes))
-    hp = data.draw(strategies.hyperparams(mu_dtype))
     seed = data.draw(st.integers(0, 2**16))
     note(f"{hp=} {block_rows=} {seed=}")
     with tpu_interpreter(interpret_params(random_seed=seed)):
@@ -121,12 +87,21 @@ def test_tpu_kernel_matches_spec_without_races(dtype, mu_dtype, data):
 
 
 def test_tpu_kernel_on_a_multi_block_tree():
-    """One fixed case, fast enough for the mutation-testing selection: a
-    three-block leaf and a one-block leaf, two steps, mixed dtypes."""
+    """One fixed case, fast enough for the mutation-testing selection, two
+    steps over two dtype groups. Blocks of 32 x 128 take two (96, 128) leaves
+    in one loop of six blocks, three per core; tile a (40, 300) leaf in four regions (whole blocks, tail rows,
+    tail columns, the corner); take a 3-D leaf two whole (3, 7) slices at a
+    time, then its last; and a vector that is not a whole number of rows."""
     params = {
-        "w": jnp.linspace(-1, 1, 48 * _kernel.LANES).reshape(48, _kernel.LANES),
-        "b": jnp.linspace(-2, 2, 16 * _kernel.LANES).astype(jnp.bfloat16),
+        "w": jnp.linspace(-1, 1, 96 * _kernel.LANES).reshape(96, _kernel.LANES),
+        "w_twin": jnp.linspace(2, -1, 96 * _kernel.LANES).reshape(96, _kernel.LANES),
+        "wide": jnp.linspace(-1, 1, 40 * 300).reshape(40, 300),
+        "3d": jnp.linspace(-2, 2, 5 * 3 * 7).reshape(5, 3, 7).astype(jnp.bfloat16),
+        "vector": jnp.linspace(-3, 3, 1000).astype(jnp.bfloat16),
     }
+    elements = 32 * _kernel.LANES
+    assert len(_tpu_group.regions((1, 40, 300), elements)) == 4
+    assert _tpu_group.regions((5, 3, 7), elements)[0].block == (2, 3, 7)
     grads = [
         jax.tree.map(lambda p, s=s: jnp.cos(p * (2 + s)), params) for s in range(2)
     ]
@@ -136,27 +111,8 @@ def test_tpu_kernel_on_a_multi_block_tree():
             params,
             grads,
             spec.Hyperparams(0.01, mu_dtype=jnp.float32),
-            pallas_amsgrad.BlockSizes(16),
+            pallas_amsgrad.BlockSizes(32),
             max_ulps=tolerances.INTERPRETED_TPU_ULPS,
-        )
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="jax 0.10 TPU interpreter: an aliased output with an overhanging "
-    "last block fails MLIR verification (padded result type)",
-)
-def test_overhanging_block_with_aliases():
-    """Strict: starts passing, and fails as a reminder, once jax fixes it."""
-    params = jnp.linspace(-1, 1, 40 * _kernel.LANES)  # 40 rows, blocks of 16.
-    with tpu_interpreter(interpret_params()):
-        check_against_spec(
-            "pallas",
-            params,
-            [jnp.cos(params)] * 2,
-            spec.Hyperparams(0.01),
-            pallas_amsgrad.BlockSizes(16),
         )
 
 

@@ -1,0 +1,241 @@
+"""The GPU step: one kernel launch per dtype group, every leaf in place.
+
+One Mosaic GPU kernel takes every leaf of a dtype group, left in GMEM: its
+grid has one CUDA block per (block_rows, 128) block of every leaf, and each
+CUDA block finds its leaf from its index, copies its block in by TMA, runs
+`_kernel.amsgrad_kernel` and copies the results out. The leaves written in
+place are passed as `jax.Ref`s, which `pl.kernel` aliases to its outputs.
+
+Layers read top-down: `amsgrad_gpu_group` (views, refs, `pl.kernel`) ->
+`_group_kernel` (SMEM buffers) -> `_blocks_of_height` (one branch per block
+height: TMA in from the block's leaf, the body, TMA out).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_amsgrad import _kernel, _math
+
+GRID_AXIS = "blocks"
+
+
+class Segment(NamedTuple):
+    """Consecutive CUDA blocks that each take `rows` rows of leaf `leaf`:
+    its whole blocks, or the tail rows that a block size leaves over."""
+
+    leaf: int
+    first_block: int
+    blocks: int
+    rows: int
+    row_start: int
+
+
+def segments(leaf_rows: Sequence[int], block_rows: int) -> list[Segment]:
+    """The grid's blocks, leaf by leaf: whole blocks, then any tail."""
+    result, first = [], 0
+    for leaf, rows in enumerate(leaf_rows):
+        block = min(block_rows, rows)
+        whole, tail = divmod(rows, block)
+        result.append(Segment(leaf, first, whole, block, 0))
+        first += whole
+        if tail:
+            result.append(Segment(leaf, first, 1, tail, whole * block))
+            first += 1
+    return result
+
+
+def amsgrad_gpu_group(
+    coefficients: jax.Array,
+    leaves: Sequence[Sequence[jax.Array]],
+    *,
+    out_dtypes: Sequence[jnp.dtype],
+    block_rows: int,
+    apply_to_params: bool,
+    interpret: Any = False,
+) -> list[tuple[jax.Array, ...]]:
+    """One Mosaic GPU kernel for leaves sharing dtypes, in place.
+
+    Args:
+      coefficients: `_math.Coefficients` stacked in the compute dtype.
+      leaves: per leaf, its ([param,] grad, mu, nu, nu_max), none empty.
+      out_dtypes: dtypes of (param | update, mu, nu, nu_max) written.
+      block_rows: rows of 128 lanes per CUDA block.
+      apply_to_params: whether each leaf's inputs start with its param.
+      interpret: Mosaic GPU interpreter parameters, to run the kernel on any
+        backend. jax 0.10's interpreter does not take `jax.Ref` operands, so
+        there every output is a new buffer.
+
+    Returns:
+      Per leaf, (new param | update, mu, nu, nu_max) in the leaf's shape.
+    """
+    shapes = [leaf[0].shape for leaf in leaves]
+    views = [tuple(map(_kernel.as_rows, leaf)) for leaf in leaves]
+    inputs = list(itertools.chain.from_iterable(views))
+    per_leaf_in, per_leaf_out = len(views[0]), len(out_dtypes)
+    # {flat input: flat output} of the arrays written back in place.
+    aliases = {}
+    if not interpret:
+        for k, leaf in enumerate(views):
+            replaced = _kernel.aliased_outputs(leaf, out_dtypes, apply_to_params)
+            for position, out in replaced.items():
+                aliases[per_leaf_in * k + position] = per_leaf_out * k + out
+    in_place = {
+        i: jax.new_ref(inputs[i]) for i in aliases
+    }  # `pl.kernel` aliases these.
+    output_of_input = {out: i for i, out in aliases.items()}
+    new_outputs = [
+        jax.ShapeDtypeStruct(
+            views[j // per_leaf_out][0].shape, out_dtypes[j % per_leaf_out]
+        )
+        for j in range(per_leaf_out * len(views))
+        if j not in output_of_input
+    ]
+    plan = segments([leaf[0].shape[0] for leaf in views], block_rows)
+
+    def kernel(coefficients_ref, *operand_refs):
+        in_refs = operand_refs[: len(inputs)]
+        fresh = iter(operand_refs[len(inputs) :])
+        out_refs = [
+            in_refs[output_of_input[j]] if j in output_of_input else next(fresh)
+            for j in range(per_leaf_out * len(views))
+        ]
+        _group_kernel(
+            coefficients_ref,
+            in_refs,
+            out_refs,
+            plan=plan,
+            block_rows=min(block_rows, max(leaf[0].shape[0] for leaf in views)),
+            per_leaf=(per_leaf_in, per_leaf_out),
+            apply_to_params=apply_to_params,
+            interpret=bool(interpret),
+        )
+
+    outputs = pl.kernel(
+        kernel,
+        out_type=new_outputs,
+        mesh=plgpu.Mesh(grid=(sum(s.blocks for s in plan),), grid_names=(GRID_AXIS,)),
+        compiler_params=plgpu.CompilerParams(),
+        interpret=interpret,
+        cost_estimate=_kernel.cost_estimate(  # pragma: no mutate
+            sum(math.prod(s) for s in shapes),
+            [a.dtype for a in views[0]],
+            out_dtypes,
+        ),
+        name="amsgrad_group",  # pragma: no mutate
+    )(coefficients, *(in_place.get(i, x) for i, x in enumerate(inputs)))
+    fresh = iter(outputs)
+    flat = [
+        jax.freeze(in_place[output_of_input[j]])
+        if j in output_of_input
+        else next(fresh)
+        for j in range(per_leaf_out * len(views))
+    ]
+    return [
+        tuple(
+            _kernel.from_rows(out, shape)
+            for out in flat[per_leaf_out * k : per_leaf_out * (k + 1)]
+        )
+        for k, shape in enumerate(shapes)
+    ]
+
+
+def _group_kernel(
+    coefficients_ref,
+    in_refs,
+    out_refs,
+    *,
+    plan,
+    block_rows,
+    per_leaf,
+    apply_to_params,
+    interpret,
+):
+    """Runs the one segment this CUDA block belongs to."""
+    per_leaf_in, per_leaf_out = per_leaf
+    block = jax.lax.axis_index(GRID_AXIS)
+    body = functools.partial(
+        _kernel.amsgrad_kernel,
+        coefficients_ref,
+        apply_to_params=apply_to_params,
+        # jax 0.10's Mosaic GPU interpreter has no `plgpu.load`.
+        load=_kernel.load if interpret else _kernel.gpu_load,
+        sqrt=_math.sqrt_via_rsqrt,
+    )
+
+    def leaf_refs(k):
+        return (
+            in_refs[per_leaf_in * k : per_leaf_in * (k + 1)],
+            out_refs[per_leaf_out * k : per_leaf_out * (k + 1)],
+        )
+
+    def scoped(in_buffers, out_buffers, barriers):
+        # One body per block height (whole blocks, and each distinct tail),
+        # however many leaves: the segments differ only in their TMA copies.
+        for height in sorted({segment.rows for segment in plan}):
+            _blocks_of_height(
+                [(s, *leaf_refs(s.leaf)) for s in plan if s.rows == height],
+                block,
+                body,
+                [buf.at[:height] for buf in in_buffers],
+                [buf.at[:height] for buf in out_buffers],
+                barriers,
+            )
+
+    lanes = _kernel.LANES
+    pl.run_scoped(
+        scoped,
+        [plgpu.SMEM((block_rows, lanes), r.dtype) for r in in_refs[:per_leaf_in]],
+        [plgpu.SMEM((block_rows, lanes), r.dtype) for r in out_refs[:per_leaf_out]],
+        plgpu.Barrier(num_barriers=per_leaf_in),
+    )
+
+
+def _blocks_of_height(members, block, body, in_buffers, out_buffers, barriers):
+    """If this CUDA block is in one of the segments (all of one height; each
+    with its leaf's input and output refs): its leaf's inputs in by TMA at
+    once, the body, its outputs out by TMA."""
+    inside = [
+        (block >= s.first_block) & (block < s.first_block + s.blocks)
+        for s, _, _ in members
+    ]
+    windows = [
+        pl.ds(s.row_start + (block - s.first_block) * s.rows, s.rows)
+        for s, _, _ in members
+    ]
+
+    @pl.when(functools.reduce(operator.or_, inside))
+    def _():
+        for here, rows, (_, inputs, _) in zip(inside, windows, members, strict=True):
+            _copy_in_if(here, inputs, rows, in_buffers, barriers)
+        for i in range(len(in_buffers)):
+            plgpu.barrier_wait(barriers.at[i])
+        body(*in_buffers, *out_buffers)
+        plgpu.commit_smem()
+        for here, rows, (_, _, outputs) in zip(inside, windows, members, strict=True):
+            _copy_out_if(here, out_buffers, outputs, rows)
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _copy_in_if(condition, inputs, rows, buffers, barriers):
+    @pl.when(condition)
+    def _():
+        for i, (ref, buf) in enumerate(zip(inputs, buffers, strict=True)):
+            plgpu.copy_gmem_to_smem(ref.at[rows], buf, barriers.at[i])
+
+
+def _copy_out_if(condition, buffers, outputs, rows):
+    @pl.when(condition)
+    def _():
+        for buf, ref in zip(buffers, outputs, strict=True):
+            plgpu.copy_smem_to_gmem(buf, ref.at[rows])

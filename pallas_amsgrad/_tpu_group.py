@@ -1,0 +1,310 @@
+"""The TPU step: one kernel launch per dtype group, every leaf in place.
+
+A model has hundreds of leaves of many shapes. One `pallas_call` takes every
+leaf of a dtype group, each left in HBM (`pl.ANY`) in its own shape, and
+streams each through VMEM in turn with a double-buffered DMA loop: no
+concatenation, no padding, no relayout, one launch instead of one per leaf.
+
+Layers read top-down: `amsgrad_tpu_group` (views, aliases, `pallas_call`) ->
+`_group_kernel` (each leaf's (leading, rows, cols) view cut into regions of
+equal blocks) -> `_stream` (the DMA loop around `_kernel.amsgrad_kernel`, the
+same body as every other path).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_amsgrad import _kernel
+
+# The grid: one step per TensorCore of a megacore chip (v4, v5p), each taking
+# half of every leaf's blocks. A single-core chip runs both steps in turn.
+CORES = 2
+# Per array: the next block's fetch overlaps this block's compute and the
+# previous block's write-back.
+SLOTS = 2
+
+
+class Split(NamedTuple):
+    """Equal blocks along one dim: `blocks` of `size` from `start`."""
+
+    start: int
+    size: int
+    blocks: int
+
+
+class Region(NamedTuple):
+    """Equal blocks tiling part of a leaf's (leading, rows, cols) view: the
+    whole leaf, or what a block size that does not divide leaves over."""
+
+    leading: Split
+    rows: Split
+    cols: Split
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.leading.size, self.rows.size, self.cols.size)
+
+
+def view_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """The leaf as (leading, rows, cols), without moving data.
+
+    TPU tiles the last two dims in HBM, so merging (or adding) leading dims is
+    free while any reshape of the last two would make XLA relayout (copy) the
+    leaf. Scalars and vectors, which Mosaic blocks only in two dims, take
+    whole 128-lane rows when they divide and one row otherwise.
+    """
+    if len(shape) >= 2:
+        return (math.prod(shape[:-2]), *shape[-2:])
+    size = math.prod(shape)
+    if size % _kernel.LANES == 0:
+        return (1, size // _kernel.LANES, _kernel.LANES)
+    return (1, 1, size)
+
+
+def block_shape(
+    leading: int, rows: int, cols: int, elements: int
+) -> tuple[int, int, int]:
+    """A block of at most `elements` in VMEM, where rows pad to a multiple
+    of `ROW_MULTIPLE` and columns to 128 lanes: several whole (rows, cols)
+    slices where they fit, else whole rows where 16 fit, else part rows."""
+    lanes, row_multiple = _kernel.LANES, _kernel.ROW_MULTIPLE
+    padded_cols = pl.cdiv(cols, lanes) * lanes
+    padded_slice = pl.cdiv(rows, row_multiple) * row_multiple * padded_cols
+    if padded_slice <= elements:
+        return min(leading, elements // padded_slice), rows, cols
+    if padded_cols * row_multiple <= elements:
+        fitting_rows = elements // padded_cols // row_multiple * row_multiple
+        return 1, fitting_rows, cols
+    return 1, min(rows, row_multiple), elements // row_multiple // lanes * lanes
+
+
+def regions(shape: Sequence[int], elements: int) -> list[Region]:
+    """Tiles a (leading, rows, cols) view with regions of equal blocks."""
+
+    def split(size, block):
+        whole, tail = divmod(size, block)
+        parts = [Split(0, block, whole)] if whole else []
+        return parts + ([Split(whole * block, tail, 1)] if tail else [])
+
+    return [
+        Region(*parts)
+        for parts in itertools.product(
+            *map(split, shape, block_shape(*shape, elements))
+        )
+    ]
+
+
+def amsgrad_tpu_group(
+    coefficients: jax.Array,
+    leaves: Sequence[Sequence[jax.Array]],
+    *,
+    out_dtypes: Sequence[jnp.dtype],
+    block_rows: int,
+    apply_to_params: bool,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> list[tuple[jax.Array, ...]]:
+    """One `pallas_call` for leaves sharing dtypes; outputs alias inputs.
+
+    Args:
+      coefficients: `_math.Coefficients` stacked in the compute dtype.
+      leaves: per leaf, its ([param,] grad, mu, nu, nu_max), none empty.
+      out_dtypes: dtypes of (param | update, mu, nu, nu_max) written.
+      block_rows: a block holds at most `block_rows * 128` elements.
+      apply_to_params: whether each leaf's inputs start with its param.
+      interpret: `pltpu.InterpretParams` runs the kernel in Pallas' TPU
+        interpreter, on any backend.
+
+    Returns:
+      Per leaf, (new param | update, mu, nu, nu_max) in the leaf's shape.
+    """
+    views = [tuple(x.reshape(view_shape(x.shape)) for x in leaf) for leaf in leaves]
+    aliases, operand = {}, 1  # Operand 0 is the coefficients.
+    for k, leaf in enumerate(views):
+        replaced = _kernel.aliased_outputs(leaf, out_dtypes, apply_to_params)
+        for position, out in replaced.items():
+            aliases[operand + position] = len(out_dtypes) * k + out
+        operand += len(leaf)
+    out_shape = [
+        jax.ShapeDtypeStruct(leaf[0].shape, dtype)
+        for leaf in views
+        for dtype in out_dtypes
+    ]
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    outputs = pl.pallas_call(
+        functools.partial(
+            _group_kernel,
+            view_shapes=[leaf[0].shape for leaf in views],
+            inputs_per_leaf=len(views[0]),
+            elements=block_rows * _kernel.LANES,
+            apply_to_params=apply_to_params,
+        ),
+        grid=(CORES,),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [hbm] * (operand - 1),
+        out_specs=[hbm] * len(out_shape),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=pltpu.CompilerParams(  # pragma: no mutate
+            dimension_semantics=("parallel",)
+        ),
+        cost_estimate=_kernel.cost_estimate(  # pragma: no mutate
+            sum(leaf[0].size for leaf in views), [a.dtype for a in views[0]], out_dtypes
+        ),
+        interpret=interpret,
+        name="amsgrad_group",  # pragma: no mutate
+    )(coefficients, *itertools.chain.from_iterable(views))
+    per_leaf = len(out_dtypes)
+    return [
+        tuple(
+            out.reshape(leaf[0].shape)
+            for out in outputs[per_leaf * k : per_leaf * (k + 1)]
+        )
+        for k, leaf in enumerate(leaves)
+    ]
+
+
+def _group_kernel(
+    coefficients_ref, *refs, view_shapes, inputs_per_leaf, elements, apply_to_params
+):
+    """Streams the leaves through VMEM: one DMA loop per region of each view
+    shape, over every leaf of that shape, so the body is traced once per
+    shape rather than once per leaf (a model repeats a few shapes per layer)."""
+    inputs = refs[: inputs_per_leaf * len(view_shapes)]
+    outputs = refs[len(inputs) :]
+    outputs_per_leaf = len(outputs) // len(view_shapes)
+    body = functools.partial(
+        _kernel.amsgrad_kernel,
+        coefficients_ref,
+        apply_to_params=apply_to_params,
+        load=_kernel.load,
+        sqrt=jnp.sqrt,
+    )
+    leaves_by_shape = {}
+    for k, shape in enumerate(view_shapes):
+        leaves_by_shape.setdefault(shape, []).append(
+            (
+                inputs[inputs_per_leaf * k : inputs_per_leaf * (k + 1)],
+                outputs[outputs_per_leaf * k : outputs_per_leaf * (k + 1)],
+            )
+        )
+    for shape, leaves in leaves_by_shape.items():
+        for region in regions(shape, elements):
+            _stream(body, leaves, region)
+
+
+def _stream(body, leaves, region: Region):
+    """Double-buffered DMA loop over a region's blocks in every leaf of
+    `leaves` ((inputs, outputs) per leaf, all of one shape), shared by the
+    cores.
+
+    Blocks are disjoint, so fetching block i+1 while block i-1 is written back
+    is safe even where an output aliases its input.
+    """
+    splits = (region.leading, region.rows, region.cols)
+    num_blocks = len(leaves) * math.prod(split.blocks for split in splits)
+    per_core = pl.cdiv(num_blocks, CORES)
+    first = pl.program_id(0) * per_core
+    count = jnp.clip(num_blocks - first, 0, per_core)
+    first_inputs, first_outputs = leaves[0]
+
+    def window(step):
+        """(leaf, the block's slices): its index unravelled over the leaves
+        and the region's blocks (lax.div/rem on non-negative ints: jnp's //
+        and % fix up negative operands with `sign`, which Mosaic lowers only
+        on a TPU)."""
+        index, slices = first + step, []
+        for split in reversed(splits):
+            position = jax.lax.rem(index, split.blocks)
+            index = jax.lax.div(index, split.blocks)
+            slices.insert(0, pl.ds(split.start + position * split.size, split.size))
+        return index, tuple(slices)
+
+    def scoped(in_buffers, out_buffers, in_sems, out_sems):
+        def copies(refs, buffers, sems, slices, slot, inbound):
+            return [
+                pltpu.make_async_copy(
+                    *(
+                        (ref.at[slices], buf.at[slot])
+                        if inbound
+                        else (buf.at[slot], ref.at[slices])
+                    ),
+                    sems.at[i, slot],
+                )
+                for i, (ref, buf) in enumerate(zip(refs, buffers, strict=True))
+            ]
+
+        def start(step, slot, inbound):
+            """Starts the block's copies from (or to) its own leaf's refs."""
+            leaf, slices = window(step)
+            for j, (inputs, outputs) in enumerate(leaves):
+                refs, buffers, sems = (
+                    (inputs, in_buffers, in_sems)
+                    if inbound
+                    else (outputs, out_buffers, out_sems)
+                )
+                _start_if(leaf == j, copies(refs, buffers, sems, slices, slot, inbound))
+
+        def wait(step, slot, inbound):
+            """Waits by semaphore and size, which every leaf's block shares."""
+            _, slices = window(step)
+            refs, buffers, sems = (
+                (first_inputs, in_buffers, in_sems)
+                if inbound
+                else (first_outputs, out_buffers, out_sems)
+            )
+            for copy in copies(refs, buffers, sems, slices, slot, inbound):
+                copy.wait()
+
+        @pl.when(count > 0)
+        def _():
+            start(0, 0, inbound=True)
+
+        def iteration(step, carry):
+            slot = jax.lax.rem(step, SLOTS)
+
+            @pl.when(step + 1 < count)
+            def _():
+                start(step + 1, 1 - slot, inbound=True)
+
+            wait(step, slot, inbound=True)
+
+            @pl.when(step >= SLOTS)  # This slot's previous block is written back.
+            def _():
+                wait(step - SLOTS, slot, inbound=False)
+
+            body(*(buf.at[slot] for buf in (*in_buffers, *out_buffers)))
+            start(step, slot, inbound=False)
+            return carry
+
+        def drain(step):
+            @pl.when(step >= 0)
+            def _():
+                wait(step, jax.lax.rem(step, SLOTS), inbound=False)
+
+        jax.lax.fori_loop(0, count, iteration, 0)
+        for step in range(SLOTS, 0, -1):  # The writes still in flight.
+            drain(count - step)
+
+    pl.run_scoped(
+        scoped,
+        [pltpu.VMEM((SLOTS, *region.block), ref.dtype) for ref in first_inputs],
+        [pltpu.VMEM((SLOTS, *region.block), ref.dtype) for ref in first_outputs],
+        pltpu.SemaphoreType.DMA((len(first_inputs), SLOTS)),
+        pltpu.SemaphoreType.DMA((len(first_outputs), SLOTS)),
+    )
+
+
+def _start_if(condition, copies):
+    @pl.when(condition)
+    def _():
+        for copy in copies:
+            copy.start()
