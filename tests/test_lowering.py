@@ -85,6 +85,8 @@ def test_lowers_with_every_state_array_aliased(platform, dtype, mu_dtype, fn_nam
     module = _export(platform, fn_name, dtype, mu_dtype)
     [call] = _custom_calls(module, CUSTOM_CALLS[platform])
     non_empty = len([s for s in SHAPES.values() if math.prod(s)])
+    # Four results per leaf, each written array's own buffer: no extra ones.
+    assert int(re.match(r"\s*%\w+:(\d+) = ", call)[1]) == 4 * non_empty
     aliases = _aliases(call)
     assert set(aliases) == _expected_aliased_operands(fn_name, non_empty), call[:3000]
     assert len(set(aliases.values())) == len(aliases)  # Each to its own output.
