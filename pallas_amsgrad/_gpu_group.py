@@ -84,12 +84,9 @@ def amsgrad_gpu_group(
     inputs = list(itertools.chain.from_iterable(views))
     per_leaf_in, per_leaf_out = len(views[0]), len(out_dtypes)
     # {flat input: flat output} of the arrays written back in place.
-    aliases = {}
-    if not interpret:
-        for k, leaf in enumerate(views):
-            replaced = _kernel.aliased_outputs(leaf, out_dtypes, apply_to_params)
-            for position, out in replaced.items():
-                aliases[per_leaf_in * k + position] = per_leaf_out * k + out
+    aliases = (
+        {} if interpret else _kernel.group_aliases(views, out_dtypes, apply_to_params)
+    )
     in_place = {
         i: jax.new_ref(inputs[i]) for i in aliases
     }  # `pl.kernel` aliases these.

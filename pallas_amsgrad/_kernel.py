@@ -2,8 +2,9 @@
 
 Reads (param,) grad, mu, nu, nu_max once and writes (param | update), mu, nu,
 nu_max once. Layers read top-down: `amsgrad_group` (platform dispatch) ->
-TPU: `_tpu_group` (one launch per dtype group); GPU and the interpreter:
-`_amsgrad_leaf` (a (rows, 128) view, padding) -> `_amsgrad_pallas` (grid,
+TPU: `_tpu_group` (one launch per dtype group); GPU: `_gpu_group` (one launch
+per `GPU_LEAVES_PER_LAUNCH` leaves); the generic interpreter:
+`_interpreted_leaf` (a (rows, 128) view) -> `_amsgrad_pallas` (grid,
 BlockSpecs, `pallas_call`). Every path runs `amsgrad_kernel`, the body, which
 is `_math.amsgrad_block`.
 """
@@ -207,6 +208,7 @@ def from_rows(rows: jax.Array, shape: Sequence[int]) -> jax.Array:
     """The leaf back from its `as_rows` view, any padding cut off."""
     size = math.prod(shape)
     flat = rows.reshape(-1)
+    # No slice when nothing was padded: it would stay in the exported program.
     return (flat[:size] if flat.size != size else flat).reshape(shape)
 
 
@@ -261,6 +263,20 @@ def aliased_outputs(
         k: out
         for k, (array, out) in enumerate(zip(inputs, replaced_by, strict=True))
         if out is not None and array.dtype == out_dtypes[out]
+    }
+
+
+def group_aliases(
+    leaves: Sequence[Sequence[jax.Array]],
+    out_dtypes: Sequence[jnp.dtype],
+    apply_to_params: bool,
+) -> dict[int, int]:
+    """`aliased_outputs` for a group: {flat input: flat output}, where the
+    inputs are every leaf's in turn and the outputs every leaf's in turn."""
+    return {
+        len(leaf) * k + position: len(out_dtypes) * k + out
+        for k, leaf in enumerate(leaves)
+        for position, out in aliased_outputs(leaf, out_dtypes, apply_to_params).items()
     }
 
 

@@ -128,12 +128,11 @@ def amsgrad_tpu_group(
       Per leaf, (new param | update, mu, nu, nu_max) in the leaf's shape.
     """
     views = [tuple(x.reshape(view_shape(x.shape)) for x in leaf) for leaf in leaves]
-    aliases, operand = {}, 1  # Operand 0 is the coefficients.
-    for k, leaf in enumerate(views):
-        replaced = _kernel.aliased_outputs(leaf, out_dtypes, apply_to_params)
-        for position, out in replaced.items():
-            aliases[operand + position] = len(out_dtypes) * k + out
-        operand += len(leaf)
+    aliases = {  # Operand 0 is the coefficients.
+        1 + i: out
+        for i, out in _kernel.group_aliases(views, out_dtypes, apply_to_params).items()
+    }
+    operands = sum(len(leaf) for leaf in views)
     out_shape = [
         jax.ShapeDtypeStruct(leaf[0].shape, dtype)
         for leaf in views
@@ -149,7 +148,7 @@ def amsgrad_tpu_group(
             apply_to_params=apply_to_params,
         ),
         grid=(CORES,),
-        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [hbm] * (operand - 1),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [hbm] * operands,
         out_specs=[hbm] * len(out_shape),
         out_shape=out_shape,
         input_output_aliases=aliases,
