@@ -9,8 +9,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from pallas_amsgrad import _kernel, _math, _validation
+from pallas_amsgrad import _kernel, _math, _sharding, _validation
 
 StepFn = Callable[[optax.Updates, optax.OptState, optax.Params], tuple[Any, Any]]
 
@@ -83,7 +84,8 @@ def _fused_update(grads, state, params, step_size, is_schedule, hp: _Hyperparams
     if implementation is None:
         implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
 
-    treedef = jax.tree.structure(grads)
+    grad_paths, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    paths = [jax.tree_util.keystr(path) for path, _ in grad_paths]
     flat_params = [None] * treedef.num_leaves
     if params is not None:
         flat_params = treedef.flatten_up_to(params)
@@ -123,9 +125,11 @@ def _fused_update(grads, state, params, step_size, is_schedule, hp: _Hyperparams
         )
         coefficients = jnp.stack([jnp.asarray(c).astype(compute) for c in coefficients])
         group = _kernel.amsgrad_group if implementation == "pallas" else _xla_group
-        outputs = group(
+        outputs = _sharding.per_shard(
+            group,
             coefficients,
             [inputs for _, inputs in members],
+            paths=[paths[index] for index, _ in members],
             out_dtypes=out_dtypes,
             apply_to_params=params is not None,
             block_sizes=hp.block_sizes,
@@ -162,16 +166,41 @@ def _xla_group(coefficients, leaves, *, out_dtypes, apply_to_params, block_sizes
 
 
 def _init_state(params, mu_dtype) -> optax.ScaleByAmsgradState:
-    """optax's state, built from shapes alone (works on ShapeDtypeStructs)."""
+    """optax's state, each moment sharded as its param.
 
-    def zeros(p, dtype=None):
-        return jnp.zeros(jnp.shape(p), dtype or p.dtype)
+    Works on arrays, on tracers (under `jit`, whose `out_shardings` then
+    decide) and on `jax.ShapeDtypeStruct`s, whose `sharding` is honoured: each
+    device creates only its own shards, nothing is materialised whole.
+    """
+    meshes = []
 
+    def zeros(path, p, dtype=None):
+        dtype = dtype or p.dtype
+        if isinstance(p, jax.Array):  # Keeps a concrete or explicit sharding.
+            if isinstance(getattr(p, "sharding", None), NamedSharding):
+                meshes.append(p.sharding.mesh)
+            return jnp.zeros_like(p, dtype)
+        sharding = getattr(p, "sharding", None)
+        if isinstance(sharding, PartitionSpec):  # Under jax.set_mesh.
+            return jnp.zeros(p.shape, dtype, out_sharding=sharding)
+        if sharding is not None:
+            _sharding.check_splits(
+                f"params{jax.tree_util.keystr(path)}", p.shape, sharding
+            )
+            if isinstance(sharding, NamedSharding):
+                meshes.append(sharding.mesh)
+        return jnp.zeros(jnp.shape(p), dtype, device=sharding)
+
+    mu = jax.tree_util.tree_map_with_path(lambda k, p: zeros(k, p, mu_dtype), params)
+    nu = jax.tree_util.tree_map_with_path(zeros, params)
+    nu_max = jax.tree_util.tree_map_with_path(zeros, params)
+    # The count goes where the params are: replicated on their mesh.
+    count_sharding = NamedSharding(meshes[0], PartitionSpec()) if meshes else None
     return optax.ScaleByAmsgradState(
-        count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.map(lambda p: zeros(p, mu_dtype), params),
-        nu=jax.tree.map(zeros, params),
-        nu_max=jax.tree.map(zeros, params),
+        count=jnp.zeros([], jnp.int32, device=count_sharding),
+        mu=mu,
+        nu=nu,
+        nu_max=nu_max,
     )
 
 

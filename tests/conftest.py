@@ -35,6 +35,17 @@ if _IN_MUTANTS:
 
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/multidevice/ needs 8 CPU devices, which must be set before jax
+    starts: tests/test_multidevice.py runs it in a process of its own."""
+    if collection_path.name == "multidevice":
+        return "--xla_force_host_platform_device_count=8" not in os.environ.get(
+            "XLA_FLAGS", ""
+        )
+    return None
+
+
 settings.register_profile(
     "ci",
     max_examples=6,

@@ -1,0 +1,338 @@
+"""The step on sharded arrays: each device updates its own shards, in place.
+
+A Pallas call is opaque to XLA's SPMD partitioner, which would gather every
+operand whole onto every device to run it. AMSGrad is elementwise, so each
+device can instead run a dtype group on its own shards of the group's leaves,
+with no communication at all, as long as a leaf's param, mu, nu and nu_max are
+split the same way (checked here, naming the leaf). Grads that are split
+differently are resharded to the param's layout: in a training step they are
+the compiler's own intermediate, and that is what optax's step does with them.
+
+Two routes, by when the shardings are known:
+
+- Under a mesh with Explicit axes (`jax.set_mesh`), shardings are part of the
+  types at trace time: the group runs inside `jax.shard_map`, and bad
+  shardings raise while tracing.
+- Otherwise (Auto axes, the default) the partitioner only settles shardings
+  after tracing: the group is a `custom_partitioning` op whose partition
+  callback receives them and lowers the group on per-device shapes. Bad
+  shardings raise from that callback, during compilation, before anything
+  runs; concrete arrays are also checked while tracing. On one device the op
+  is inlined and changes nothing.
+
+Both routes run the same group function (the Pallas kernel or the XLA path)
+on each device's shards, in the leaves' own dtypes and with the same
+coefficients, so a sharded step gives the unsharded step's bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.extend
+from jax._src.state.discharge import discharge_state  # jax<0.12, see _without_refs
+from jax.experimental.custom_partitioning import (
+    SdyShardingRule,
+    custom_partitioning,
+)
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+GroupFn = Callable[..., list[tuple[jax.Array, ...]]]
+
+# The names of one leaf's operands, in the order the group functions take
+# them, for error messages.
+STEP_OPERANDS = ("params", "grads", "state.mu", "state.nu", "state.nu_max")
+UPDATE_OPERANDS = STEP_OPERANDS[1:]
+
+
+class _Group(NamedTuple):
+    """The static description of one group call (hashable)."""
+
+    group_fn: GroupFn
+    paths: tuple[str, ...]  # Each leaf's key path, e.g. "['dense']['w']".
+    out_dtypes: tuple[Any, ...]
+    apply_to_params: bool
+    block_sizes: Any
+
+    @property
+    def operand_names(self) -> tuple[str, ...]:
+        return STEP_OPERANDS if self.apply_to_params else UPDATE_OPERANDS
+
+    def run(self, coefficients, leaves):
+        return self.group_fn(
+            coefficients,
+            leaves,
+            out_dtypes=self.out_dtypes,
+            apply_to_params=self.apply_to_params,
+            block_sizes=self.block_sizes,
+        )
+
+
+def per_shard(
+    group_fn: GroupFn,
+    coefficients: jax.Array,
+    leaves: Sequence[Sequence[jax.Array]],
+    *,
+    paths: Sequence[str],
+    out_dtypes: Sequence[Any],
+    apply_to_params: bool,
+    block_sizes: Any,
+) -> list[tuple[jax.Array, ...]]:
+    """`group_fn` run on each device's shards of `leaves`; see the module doc.
+
+    Args:
+      group_fn: `_kernel.amsgrad_group` or the XLA path, called as
+        `group_fn(coefficients, leaves, out_dtypes=..., apply_to_params=...,
+        block_sizes=...)`.
+      coefficients: the group's runtime scalars (replicated).
+      leaves: per leaf, its ([param,] grad, mu, nu, nu_max).
+      paths: each leaf's key path, to name it in errors.
+      out_dtypes, apply_to_params, block_sizes: passed on to `group_fn`.
+
+    Returns:
+      Per leaf, (new param | update, mu, nu, nu_max), each sharded as the
+      leaf's param (or, for `update`, its mu).
+    """
+    group = _Group(
+        group_fn, tuple(paths), tuple(out_dtypes), apply_to_params, block_sizes
+    )
+    leaves = [tuple(leaf) for leaf in leaves]
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit_axes = tuple(
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == AxisType.Explicit
+    )
+    if explicit_axes:
+        return _in_shard_map(group, mesh, explicit_axes, coefficients, leaves)
+    for path, leaf in zip(group.paths, leaves, strict=True):
+        # Concrete arrays (an eager call) carry their shardings: check now.
+        shardings = [_concrete_named_sharding(x) for x in leaf]
+        check_leaf(path, group.operand_names, leaf[0].shape, shardings)
+    return _partitioned_group(coefficients, leaves, group)
+
+
+def check_leaf(
+    path: str,
+    operand_names: Sequence[str],
+    shape: tuple[int, ...],
+    shardings: Sequence[Any],
+) -> Any:
+    """Raises unless one leaf's operands can be updated shard by shard.
+
+    Args:
+      path: the leaf's key path.
+      operand_names: `STEP_OPERANDS` or `UPDATE_OPERANDS`.
+      shape: the leaf's (global) shape.
+      shardings: each operand's `jax.sharding.Sharding`, or None if unknown.
+
+    Returns:
+      The leaf's reference sharding (its param's, else its mu's), or None.
+    """
+    reference_index = 0 if operand_names[0] == "params" else 1
+    reference_name = operand_names[reference_index] + path
+    reference = shardings[reference_index]
+    for name, sharding in zip(operand_names, shardings, strict=True):
+        if name == "grads" or sharding is None:
+            continue
+        if reference is None:
+            reference, reference_name = sharding, name + path
+        elif not _same_layout(sharding, reference, len(shape)):
+            raise ValueError(
+                f"{name}{path} is sharded as {_describe(sharding, len(shape))} "
+                f"but {reference_name} as {_describe(reference, len(shape))}; "
+                "a leaf's params "
+                "and optimizer state must be sharded alike (create the state "
+                "with init(params), or with jit out_shardings equal to the "
+                "params')"
+            )
+    if reference is not None:
+        check_splits(reference_name, shape, reference)
+    return reference
+
+
+def check_splits(name: str, shape: tuple[int, ...], sharding: Any) -> None:
+    """Raises unless `sharding` splits every dim of `shape` into equal shards."""
+    if not isinstance(sharding, NamedSharding):
+        return
+    spec = tuple(sharding.spec)
+    if len(spec) > len(shape):
+        raise ValueError(
+            f"{name} has shape {shape} but is sharded as {sharding.spec}, "
+            f"which names {len(spec)} dims"
+        )
+    mesh_sizes = dict(sharding.mesh.shape)
+    for dim, (size, axes) in enumerate(zip(shape, spec, strict=False)):
+        axes = _axes(axes)
+        ways = math.prod(mesh_sizes[axis] for axis in axes)
+        if size % ways:
+            raise ValueError(
+                f"{name} has shape {shape}; its dim {dim} ({size}) cannot be "
+                f"split over mesh axes {axes} ({ways} shards, "
+                f"{_describe(sharding, len(shape))}): every dim must be a multiple of the "
+                "product of the mesh axes it is sharded over"
+            )
+
+
+def _in_shard_map(group: _Group, mesh, explicit_axes, coefficients, leaves):
+    """Explicit axes: shardings are in the types, so check them and shard_map."""
+    if len(explicit_axes) != len(mesh.axis_names) and any(
+        kind == AxisType.Auto for kind in mesh.axis_types
+    ):
+        raise ValueError(
+            f"the mesh {mesh} mixes Explicit and Auto axes; the AMSGrad step "
+            "runs per shard under a mesh whose axes are all Explicit (or "
+            "Manual) or all Auto"
+        )
+    in_specs, out_specs = [], []
+    for index, (path, leaf) in enumerate(zip(group.paths, leaves, strict=True)):
+        shardings = [jax.typeof(x).sharding for x in leaf]
+        reference = check_leaf(path, group.operand_names, leaf[0].shape, shardings)
+        spec = reference.spec
+        grads_index = group.operand_names.index("grads")
+        if not _same_layout(shardings[grads_index], reference, leaf[0].ndim):
+            leaf = list(leaf)
+            leaf[grads_index] = jax.sharding.reshard(leaf[grads_index], spec)
+            leaves[index] = tuple(leaf)
+        in_specs.append((spec,) * len(leaf))
+        out_specs.append((spec,) * len(group.out_dtypes))
+    return jax.shard_map(
+        group.run,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), in_specs),
+        out_specs=out_specs,
+        axis_names=set(explicit_axes),
+        # pallas_call declares no per-axis variance of its outputs.
+        check_vma=False,
+    )(coefficients, leaves)
+
+
+def _run_group(coefficients, leaves, group: _Group):
+    return group.run(coefficients, leaves)
+
+
+_partitioned_group = custom_partitioning(_run_group, static_argnums=(2,))
+
+
+def _leaf_shardings(group: _Group, arg_shapes):
+    """Checks each leaf's operands' shardings; returns the reference ones."""
+    _, leaves = arg_shapes
+    references = []
+    for path, leaf in zip(group.paths, leaves, strict=True):
+        shardings = [x.sharding for x in leaf]
+        references.append(
+            check_leaf(path, group.operand_names, leaf[0].shape, shardings)
+        )
+    return references
+
+
+def _replicated(mesh, like):
+    if isinstance(like, NamedSharding):
+        return NamedSharding(like.mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _partition(group: _Group, mesh, arg_shapes, result_shape):
+    del result_shape
+    references = _leaf_shardings(group, arg_shapes)
+    _, leaves = arg_shapes
+    arg_shardings = (
+        _replicated(mesh, references[0]),
+        [
+            (reference,) * len(leaf)
+            for reference, leaf in zip(references, leaves, strict=True)
+        ],
+    )
+    result_shardings = [
+        (reference,) * len(group.out_dtypes) for reference in references
+    ]
+
+    return mesh, _without_refs(group.run), result_shardings, arg_shardings
+
+
+def _without_refs(fn):
+    """`fn` with the refs it creates inside (the GPU kernel's in-place
+    operands) discharged into values, as jit does at its top level: the
+    partitioner refuses to lower a jaxpr with their effect."""
+
+    def discharged(*args):
+        closed, out_shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+        if closed.effects:
+            closed = discharge_state(closed)
+        outputs = jax.extend.core.jaxpr_as_fun(closed)(*jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shapes), outputs)
+
+    return discharged
+
+
+def _infer_sharding_from_operands(group: _Group, mesh, arg_shapes, result_shape):
+    # Used only by the GSPMD partitioner (jax_use_shardy_partitioner=False).
+    del mesh, result_shape
+    return [
+        (reference,) * len(group.out_dtypes)
+        for reference in _leaf_shardings(group, arg_shapes)
+    ]
+
+
+def _sharding_rule(group: _Group, mesh, operand_types, result_types):
+    """Shardy's rule: each leaf's dims are one set of factors for all of its
+    operands and results; the coefficients are replicated."""
+    del mesh
+    operands, results = [("coefficients",)], []
+    ranks = iter(len(t.shape) for t in operand_types[1:])
+    for leaf_index in range(len(group.paths)):
+        operand_count = len(group.operand_names)
+        leaf_ranks = [next(ranks) for _ in range(operand_count)]
+        dims = tuple(f"leaf{leaf_index}_dim{d}" for d in range(leaf_ranks[0]))
+        operands += [dims] * operand_count
+        results += [dims] * len(group.out_dtypes)
+    assert len(results) == len(result_types)
+    return SdyShardingRule(
+        tuple(operands),
+        tuple(results),
+        need_replication_factors=("coefficients",),
+    )
+
+
+_partitioned_group.def_partition(
+    _partition,
+    infer_sharding_from_operands=_infer_sharding_from_operands,
+    sharding_rule=_sharding_rule,
+)
+
+
+def _concrete_named_sharding(x) -> NamedSharding | None:
+    concrete = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    if concrete and isinstance(x.sharding, NamedSharding):
+        return x.sharding
+    return None
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes one PartitionSpec entry names, as a tuple."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _same_layout(a, b, ndim: int) -> bool:
+    """Whether two shardings split an ndim array the same way, same devices."""
+    if isinstance(a, NamedSharding) and isinstance(b, NamedSharding):
+        spec_a, spec_b = (
+            tuple(_axes(e) for e in s.spec) + ((),) * (ndim - len(s.spec))
+            for s in (a, b)
+        )
+        return spec_a == spec_b and a.mesh == b.mesh
+    return a.is_equivalent_to(b, ndim)
+
+
+def _describe(sharding, ndim: int) -> str:
+    """e.g. "P('data', None) over mesh {'data': 8}", the spec spelt to ndim."""
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec)
+        spec = PartitionSpec(*spec, *(None,) * (ndim - len(spec)))
+        return f"{spec} over mesh {dict(sharding.mesh.shape)}"
+    return str(sharding)

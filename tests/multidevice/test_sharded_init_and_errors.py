@@ -1,0 +1,170 @@
+"""`init` straight into shards, and bad shardings named before anything runs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import test_sharded_step as sharded
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import pallas_amsgrad
+
+
+def _abstract(mesh):
+    return jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf[0], leaf[1], sharding=s),
+        sharded.LEAVES,
+        sharded.shardings(mesh),
+        is_leaf=sharded._is_leaf,
+    )
+
+
+def _assert_state_sharded_like(state, param_shardings, mesh):
+    moments = state[0]
+    assert moments.count.sharding.is_equivalent_to(NamedSharding(mesh, P()), 0)
+    for tree in (moments.mu, moments.nu, moments.nu_max):
+        for leaf, sharding in zip(
+            jax.tree.leaves(tree), jax.tree.leaves(param_shardings), strict=True
+        ):
+            assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+def test_init_on_abstract_params_creates_each_shard_in_place(axis_type):
+    mesh = sharded.make_mesh("2d", axis_type)
+    param_shardings = sharded.shardings(mesh)
+    opt = pallas_amsgrad.amsgrad(0.1, mu_dtype=jnp.float32)
+    abstract = _abstract(mesh)
+    with jax.set_mesh(mesh):
+        state = opt.init(abstract)
+    _assert_state_sharded_like(state, param_shardings, mesh)
+    expected = optax.amsgrad(0.1, mu_dtype=jnp.float32).init(sharded.values(0))
+    for ours, theirs in zip(
+        jax.tree.leaves(state), jax.tree.leaves(expected), strict=True
+    ):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_init_under_jit_with_out_shardings_never_builds_a_whole_leaf():
+    mesh = sharded.make_mesh("2d", AxisType.Auto)
+    param_shardings = sharded.shardings(mesh)
+    opt = pallas_amsgrad.amsgrad(0.1)
+    out_shardings = sharded.state_shardings(opt, param_shardings, mesh)
+    init = jax.jit(opt.init, out_shardings=out_shardings)
+    compiled = init.lower(_abstract(mesh)).compile()
+    state = init(sharded.place(sharded.values(0), param_shardings))
+    _assert_state_sharded_like(state, param_shardings, mesh)
+    # Each device's program holds only its own (16, 128) shard of the embed.
+    assert "f32[16,128]" in compiled.as_text()
+    assert "f32[64,256]" not in compiled.as_text()
+
+
+def test_unsplittable_abstract_param_is_named():
+    mesh = sharded.make_mesh("2d", AxisType.Auto)
+    params = {
+        "ok": jax.ShapeDtypeStruct(
+            (8,), jnp.float32, sharding=NamedSharding(mesh, P("data"))
+        ),
+        "odd": jax.ShapeDtypeStruct(
+            (6, 4), jnp.float32, sharding=NamedSharding(mesh, P("data"))
+        ),
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"params\['odd'\] has shape \(6, 4\); its dim 0 \(6\) cannot be split",
+    ):
+        pallas_amsgrad.amsgrad(0.1).init(params)
+
+
+def _mismatched(mesh):
+    """Params and grads sharded one way, state.nu['b'] another."""
+    opt = pallas_amsgrad.amsgrad(0.1)
+    params = {"a": jnp.ones((8, 16)), "b": jnp.ones((16, 8))}
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, NamedSharding(mesh, P("data")))
+        state = opt.init(params)
+        nu = dict(
+            state[0].nu,
+            b=jax.device_put(state[0].nu["b"], NamedSharding(mesh, P(None, "data"))),
+        )
+        state = (state[0]._replace(nu=nu), state[1])
+    return opt, params, state
+
+
+MISMATCH = (
+    r"state\.nu\['b'\] is sharded as P\(None, 'data'\) over mesh \{'data': 8\} "
+    r"but params\['b'\] as P\('data', None\)"
+)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+def test_mismatched_state_is_named_while_tracing_under_explicit_axes(implementation):
+    mesh = sharded.make_mesh("1d", AxisType.Explicit)
+    opt, params, state = _mismatched(mesh)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=MISMATCH):
+        jax.jit(opt.step).trace(params, state, params)
+
+
+def test_mismatched_state_is_named_before_an_eager_step_runs():
+    mesh = sharded.make_mesh("1d", AxisType.Auto)
+    opt, params, state = _mismatched(mesh)
+    with pytest.raises(ValueError, match=MISMATCH):
+        opt.step(params, state, params)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+def test_mismatched_state_is_named_when_compiling_under_auto_axes(implementation):
+    mesh = sharded.make_mesh("1d", AxisType.Auto)
+    opt, params, state = _mismatched(mesh)
+    lowered = jax.jit(opt.step).lower(params, state, params)
+    # The partitioner settles Auto shardings while compiling; its callback's
+    # error reaches the caller wrapped in XLA's.
+    with pytest.raises(Exception, match=MISMATCH):
+        lowered.compile()
+
+
+def test_mesh_mixing_explicit_and_auto_axes_is_refused():
+    mesh = jax.make_mesh(
+        (4, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Auto)
+    )
+    opt = pallas_amsgrad.amsgrad(0.1)
+    params = {"a": jnp.ones((8, 16))}
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, NamedSharding(mesh, P("data")))
+        state = opt.init(params)
+        with pytest.raises(ValueError, match="mixes Explicit and Auto axes"):
+            jax.jit(opt.step).trace(params, state, params)
+
+
+def test_step_inside_a_users_shard_map_runs_on_the_local_shards():
+    """Inside the caller's own shard_map the step sees local shards only (the
+    partitioner is not involved); like any pallas_call there, it needs
+    check_vma=False."""
+    mesh = sharded.make_mesh("1d", AxisType.Auto)
+    opt = pallas_amsgrad.amsgrad(0.1, implementation="pallas")
+    params, grads = {"a": jnp.arange(64.0).reshape(8, 8)}, {"a": jnp.ones((8, 8))}
+    state = opt.init(params)
+    expected, _ = jax.jit(opt.step)(grads, state, params)
+    spec = {"a": P("data")}
+    state_specs = (
+        state[0]._replace(count=P(), mu=spec, nu=spec, nu_max=spec),
+        state[1],
+    )
+    local = jax.jit(
+        jax.shard_map(
+            opt.step,
+            mesh=mesh,
+            in_specs=(spec, state_specs, spec),
+            out_specs=(spec, state_specs),
+            check_vma=False,
+        )
+    )
+    new_params, _ = local(grads, state, params)
+    np.testing.assert_array_equal(
+        np.asarray(new_params["a"]), np.asarray(expected["a"])
+    )

@@ -1,0 +1,212 @@
+"""The step on 8 devices: per-shard kernels, no collectives, same bits.
+
+Every sharded result is compared bitwise with the same step run unsharded on
+one device, and with the spec within the suite's per-dtype ULPs (the step's
+own distance from the spec, as on one device; see tests/tolerances.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tolerances
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import amsgrad_spec as spec
+import pallas_amsgrad
+
+# Collective ops of XLA's HLO; a per-shard step has none of them.
+COLLECTIVES = re.compile(
+    r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter|"
+    r"collective-broadcast|ragged-all-to-all)(-start)?\("
+)
+MESHES = {"1d": ((8,), ("data",)), "2d": ((4, 2), ("data", "model"))}
+# (shape, dtype, spec over ("data", "model")): leaves replicated, sharded on
+# one axis, on two axes, and on two axes of one dim; two dtype groups.
+LEAVES = {
+    "embed": ((64, 256), jnp.float32, P("data", "model")),
+    "dense": {
+        "w": ((32, 128), jnp.bfloat16, P(None, "model")),
+        "b": ((128,), jnp.float32, P("data")),
+    },
+    "heads": ((8, 16, 128), jnp.bfloat16, P("data", None, "model")),
+    "flat": ((16, 128), jnp.float32, P(("data", "model"))),
+    "norm": ((128,), jnp.float32, P()),
+    "scale": ((), jnp.float32, P()),
+}
+HP = spec.Hyperparams(learning_rate=0.01, b1=0.9, b2=0.99, eps=1e-6)
+STEPS = 3
+
+
+def _is_leaf(x):
+    return isinstance(x, tuple) and isinstance(x[-1], P)
+
+
+def _on_mesh(spec_, axis_names):
+    """`spec_` with the axes a mesh lacks left out (the 1-D mesh has no model)."""
+
+    def keep(entry):
+        if isinstance(entry, tuple):
+            kept = tuple(a for a in entry if a in axis_names)
+            return kept or None
+        return entry if entry in axis_names else None
+
+    return P(*map(keep, spec_))
+
+
+def make_mesh(name, axis_type):
+    shape, names = MESHES[name]
+    return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+
+
+def shardings(mesh):
+    return jax.tree.map(
+        lambda leaf: NamedSharding(mesh, _on_mesh(leaf[2], mesh.axis_names)),
+        LEAVES,
+        is_leaf=_is_leaf,
+    )
+
+
+def values(seed):
+    """A tree of host (numpy) arrays, which no donation can delete."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda leaf: np.asarray(jnp.asarray(rng.normal(size=leaf[0]), leaf[1])),
+        LEAVES,
+        is_leaf=_is_leaf,
+    )
+
+
+def optimizer(implementation):
+    return pallas_amsgrad.amsgrad(
+        HP.learning_rate, HP.b1, HP.b2, HP.eps, implementation=implementation
+    )
+
+
+def place(tree, tree_shardings):
+    return jax.tree.map(jax.device_put, tree, tree_shardings)
+
+
+def state_shardings(opt, param_shardings, mesh):
+    """The state's shardings: each moment as its param, the count replicated."""
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf[0], leaf[1]), LEAVES, is_leaf=_is_leaf
+    )
+    state = jax.eval_shape(opt.init, abstract)
+    replicated = NamedSharding(mesh, P())
+    moments = state[0]._replace(
+        count=replicated, mu=param_shardings, nu=param_shardings, nu_max=param_shardings
+    )
+    return (moments, state[1])
+
+
+def run(opt, entry, params, state, grads):
+    """`STEPS` jitted steps (`update` + apply, or the fused `step`)."""
+
+    def step(params, state, grads):
+        if entry == "step":
+            return opt.step(grads, state, params)
+        updates, state = opt.update(grads, state, params)
+        return jax.tree.map(
+            lambda p, u: (p + u).astype(p.dtype), params, updates
+        ), state
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    for i in range(STEPS):
+        params, state = jitted(params, state, grads[i])
+    return params, state, jitted
+
+
+@pytest.mark.parametrize("entry", ["step", "update"])
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+@pytest.mark.parametrize("mesh_name", MESHES)
+def test_sharded_step_equals_unsharded(mesh_name, axis_type, implementation, entry):
+    opt = optimizer(implementation)
+    params, grads = values(0), [values(1 + i) for i in range(STEPS)]
+    expected_params, expected_state, _ = run(
+        opt, entry, params, opt.init(params), grads
+    )
+
+    mesh = make_mesh(mesh_name, axis_type)
+    param_shardings = shardings(mesh)
+    with jax.set_mesh(mesh):
+        sharded_params = place(params, param_shardings)
+        state = jax.jit(
+            opt.init, out_shardings=state_shardings(opt, param_shardings, mesh)
+        )(sharded_params)
+        sharded_grads = [place(g, param_shardings) for g in grads]
+        new_params, new_state, jitted = run(
+            opt, entry, sharded_params, state, sharded_grads
+        )
+        compiled = jitted.lower(new_params, new_state, sharded_grads[0]).compile()
+
+    assert not COLLECTIVES.findall(compiled.as_text())
+    for name, tree in (("params", new_params), ("mu", new_state[0].mu)):
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_flatten_with_path(tree)[0],
+            jax.tree.leaves(param_shardings),
+            strict=True,
+        ):
+            assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (
+                f"{name}{jax.tree_util.keystr(path)}: {leaf.sharding} != {sharding}"
+            )
+    tolerances.assert_trees_equal(
+        (new_params, new_state), (expected_params, expected_state)
+    )
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+def test_sharded_step_matches_spec(axis_type, implementation):
+    opt = optimizer(implementation)
+    params, grads = values(0), values(1)
+    mesh = make_mesh("2d", axis_type)
+    param_shardings = shardings(mesh)
+    # A state after some steps, so that nu_max differs from nu.
+    state = opt.init(params)
+    for seed in (2, 3):
+        params, state = jax.jit(opt.step)(values(seed), state, params)
+    with jax.set_mesh(mesh):
+        new_params, new_state = jax.jit(opt.step)(
+            place(grads, param_shardings),
+            jax.device_put(state, state_shardings(opt, param_shardings, mesh)),
+            place(params, param_shardings),
+        )
+    spec_state = spec.AmsgradState(*state[0])
+    expected_params, expected_state = spec.step(grads, spec_state, params, HP)
+    _, state_scales, param_scales = tolerances.summand_scales(
+        grads, spec_state, params, HP
+    )
+    tolerances.assert_trees_ulp_close(
+        (new_params, tuple(new_state[0])),
+        (expected_params, tuple(expected_state)),
+        tolerances.IMPLEMENTATION_ULPS,
+        scales=(param_scales, state_scales),
+    )
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+def test_donated_shards_are_updated_in_place(axis_type):
+    opt = optimizer("pallas")
+    mesh = make_mesh("2d", axis_type)
+    param_shardings = shardings(mesh)
+    with jax.set_mesh(mesh):
+        params = place(values(0), param_shardings)
+        state = opt.init(params)
+        buffers = {
+            shard.device: shard.data.unsafe_buffer_pointer()
+            for shard in params["embed"].addressable_shards
+        }
+        step = jax.jit(lambda p, s, g: opt.step(g, s, p), donate_argnums=(0, 1))
+        new_params, _ = step(params, state, place(values(1), param_shardings))
+    assert params["embed"].is_deleted()
+    assert {
+        shard.device: shard.data.unsafe_buffer_pointer()
+        for shard in new_params["embed"].addressable_shards
+    } == buffers
