@@ -17,8 +17,8 @@ Two routes, by when the shardings are known:
   after tracing: the group is a `custom_partitioning` op whose partition
   callback receives them and lowers the group on per-device shapes. Bad
   shardings raise from that callback, during compilation, before anything
-  runs; concrete arrays are also checked while tracing. On one device the op
-  is inlined and changes nothing.
+  runs; concrete arrays are also checked while tracing. A program on one
+  device inlines the op; a process with one device calls the group directly.
 
 Both routes run the same group function (the Pallas kernel or the XLA path)
 on each device's shards, in the leaves' own dtypes and with the same
@@ -100,6 +100,8 @@ def per_shard(
         group_fn, tuple(paths), tuple(out_dtypes), apply_to_params, block_sizes
     )
     leaves = [tuple(leaf) for leaf in leaves]
+    if jax.device_count() == 1:  # Nothing to partition.
+        return group.run(coefficients, leaves)
     mesh = jax.sharding.get_abstract_mesh()
     explicit_axes = tuple(
         name

@@ -210,3 +210,41 @@ def test_donated_shards_are_updated_in_place(axis_type):
         shard.device: shard.data.unsafe_buffer_pointer()
         for shard in new_params["embed"].addressable_shards
     } == buffers
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_explicit_axes_step_exports_per_shard_kernels(platform):
+    """Under Explicit axes the step is a shard_map around the Mosaic kernel,
+    which jax.export lowers for TPU and GPU from here: the kernel sees each
+    device's shard shapes, and the program has no collective."""
+    opt = optimizer("pallas")
+    mesh = make_mesh("2d", AxisType.Explicit)
+    param_shardings = shardings(mesh)
+    abstract = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf[0], leaf[1], sharding=s),
+        LEAVES,
+        param_shardings,
+        is_leaf=_is_leaf,
+    )
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(opt.init, abstract)
+        exported = jax.export.export(
+            jax.jit(lambda p, s, g: opt.step(g, s, p), donate_argnums=(0, 1)),
+            platforms=[platform],
+        )(abstract, state, abstract)
+    module = exported.mlir_module()
+    custom_call = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}[platform]
+    kernel_calls = [line for line in module.splitlines() if custom_call in line]
+    assert kernel_calls
+    # The embed (64, 256) over (4, 2) devices: a (16, 128) shard per kernel
+    # (TPU views it as (1, 16, 128)).
+    assert any(
+        "x16x128xf32>" in line or "<16x128xf32>" in line for line in kernel_calls
+    )
+    assert not any("64x256xf32>" in line for line in kernel_calls)
+    assert "sdy.manual_computation" in module
+    assert not re.search(
+        r"stablehlo\.(all_gather|all_reduce|all_to_all|collective_permute|"
+        r"reduce_scatter)",
+        module,
+    )
