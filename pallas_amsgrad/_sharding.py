@@ -110,6 +110,12 @@ def per_shard(
     )
     if explicit_axes:
         return _in_shard_map(group, mesh, explicit_axes, coefficients, leaves)
+    if not jax.config.jax_use_shardy_partitioner:
+        raise ValueError(
+            "the AMSGrad step on several devices needs jax's default Shardy "
+            "partitioner (jax_use_shardy_partitioner=True), or a mesh of "
+            "Explicit axes"
+        )
     for path, leaf in zip(group.paths, leaves, strict=True):
         # Concrete arrays (an eager call) carry their shardings: check now.
         shardings = [_concrete_named_sharding(x) for x in leaf]
@@ -231,18 +237,12 @@ def _leaf_shardings(group: _Group, arg_shapes):
     return references
 
 
-def _replicated(mesh, like):
-    if isinstance(like, NamedSharding):
-        return NamedSharding(like.mesh, PartitionSpec())
-    return NamedSharding(mesh, PartitionSpec())
-
-
 def _partition(group: _Group, mesh, arg_shapes, result_shape):
     del result_shape
     references = _leaf_shardings(group, arg_shapes)
     _, leaves = arg_shapes
     arg_shardings = (
-        _replicated(mesh, references[0]),
+        NamedSharding(mesh, PartitionSpec()),
         [
             (reference,) * len(leaf)
             for reference, leaf in zip(references, leaves, strict=True)
@@ -270,15 +270,6 @@ def _without_refs(fn):
     return discharged
 
 
-def _infer_sharding_from_operands(group: _Group, mesh, arg_shapes, result_shape):
-    # Used only by the GSPMD partitioner (jax_use_shardy_partitioner=False).
-    del mesh, result_shape
-    return [
-        (reference,) * len(group.out_dtypes)
-        for reference in _leaf_shardings(group, arg_shapes)
-    ]
-
-
 def _sharding_rule(group: _Group, mesh, operand_types, result_types):
     """Shardy's rule: each leaf's dims are one set of factors for all of its
     operands and results; the coefficients are replicated."""
@@ -299,11 +290,7 @@ def _sharding_rule(group: _Group, mesh, operand_types, result_types):
     )
 
 
-_partitioned_group.def_partition(
-    _partition,
-    infer_sharding_from_operands=_infer_sharding_from_operands,
-    sharding_rule=_sharding_rule,
-)
+_partitioned_group.def_partition(_partition, sharding_rule=_sharding_rule)
 
 
 def _concrete_named_sharding(x) -> NamedSharding | None:

@@ -168,3 +168,16 @@ def test_step_inside_a_users_shard_map_runs_on_the_local_shards():
     np.testing.assert_array_equal(
         np.asarray(new_params["a"]), np.asarray(expected["a"])
     )
+
+
+def test_gspmd_partitioner_is_refused_under_auto_axes():
+    mesh = sharded.make_mesh("1d", AxisType.Auto)
+    opt = pallas_amsgrad.amsgrad(0.1)
+    params = jax.device_put({"a": jnp.ones((8, 16))}, NamedSharding(mesh, P("data")))
+    state = opt.init(params)
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        with pytest.raises(ValueError, match="needs jax's default Shardy partitioner"):
+            jax.jit(opt.step).trace(params, state, params)
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", True)
