@@ -92,8 +92,10 @@ def amsgrad_gpu_group(
     }  # `pl.kernel` aliases these.
     output_of_input = {out: i for i, out in aliases.items()}
     new_outputs = [
-        jax.ShapeDtypeStruct(
-            views[j // per_leaf_out][0].shape, out_dtypes[j % per_leaf_out]
+        _kernel.out_type(
+            views[j // per_leaf_out][0].shape,
+            out_dtypes[j % per_leaf_out],
+            [*views[j // per_leaf_out], coefficients],
         )
         for j in range(per_leaf_out * len(views))
         if j not in output_of_input

@@ -242,11 +242,26 @@ def _amsgrad_pallas(coefficients, *arrays, out_dtypes, block_rows, apply_to_para
         grid=(pl.cdiv(rows, block_rows),),
         in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [block] * len(arrays),
         out_specs=[block] * len(out_dtypes),
-        out_shape=[jax.ShapeDtypeStruct((rows, LANES), d) for d in out_dtypes],
+        out_shape=[
+            out_type((rows, LANES), d, [*arrays, coefficients]) for d in out_dtypes
+        ],
         input_output_aliases=aliases,
         interpret=True,
         name="amsgrad",  # pragma: no mutate
     )(coefficients, *arrays)
+
+
+def out_type(shape, dtype, like: Sequence[jax.Array]) -> jax.ShapeDtypeStruct:
+    """An output's type, varying over every mesh axis that `like` varies over.
+
+    Inside a `shard_map` that checks how values vary over its axes
+    (`check_vma=True`), a kernel's outputs must declare it; elsewhere the set
+    is empty.
+    """
+    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in like))
+    return jax.ShapeDtypeStruct(
+        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
+    )
 
 
 def aliased_outputs(

@@ -134,7 +134,7 @@ def amsgrad_tpu_group(
     }
     operands = sum(len(leaf) for leaf in views)
     out_shape = [
-        jax.ShapeDtypeStruct(leaf[0].shape, dtype)
+        _kernel.out_type(leaf[0].shape, dtype, [*leaf, coefficients])
         for leaf in views
         for dtype in out_dtypes
     ]

@@ -141,33 +141,65 @@ def test_mesh_mixing_explicit_and_auto_axes_is_refused():
             jax.jit(opt.step).trace(params, state, params)
 
 
-def test_step_inside_a_users_shard_map_runs_on_the_local_shards():
-    """Inside the caller's own shard_map the step sees local shards only (the
-    partitioner is not involved); like any pallas_call there, it needs
-    check_vma=False."""
-    mesh = sharded.make_mesh("1d", AxisType.Auto)
-    opt = pallas_amsgrad.amsgrad(0.1, implementation="pallas")
-    params, grads = {"a": jnp.arange(64.0).reshape(8, 8)}, {"a": jnp.ones((8, 8))}
-    state = opt.init(params)
-    expected, _ = jax.jit(opt.step)(grads, state, params)
-    spec = {"a": P("data")}
+def _users_shard_map(opt, state, check_vma):
+    spec = {"a": P("data"), "b": P("data"), "r": P()}
     state_specs = (
         state[0]._replace(count=P(), mu=spec, nu=spec, nu_max=spec),
         state[1],
     )
-    local = jax.jit(
+    return jax.jit(
         jax.shard_map(
             opt.step,
-            mesh=mesh,
+            mesh=sharded.make_mesh("1d", AxisType.Auto),
             in_specs=(spec, state_specs, spec),
             out_specs=(spec, state_specs),
-            check_vma=False,
+            check_vma=check_vma,
         )
     )
-    new_params, _ = local(grads, state, params)
-    np.testing.assert_array_equal(
-        np.asarray(new_params["a"]), np.asarray(expected["a"])
-    )
+
+
+SHARD_MAP_PARAMS = {
+    "a": np.arange(64.0, dtype=np.float32).reshape(8, 8),
+    "b": np.ones((16, 128), jnp.bfloat16),
+    "r": np.linspace(-1, 1, 3, dtype=np.float32),  # Replicated.
+}
+
+
+@pytest.mark.parametrize(
+    ("implementation", "check_vma"),
+    [("xla", True), ("pallas", False)],
+    ids=["xla-check_vma", "pallas-no_check_vma"],
+)
+def test_step_inside_a_users_shard_map_runs_on_the_local_shards(
+    implementation, check_vma
+):
+    """Inside the caller's own shard_map the step sees local shards only (the
+    partitioner is not involved). Pallas' generic interpreter (the CPU kernel)
+    fails jax's check_vma on its own grid indexing, so it runs unchecked."""
+    opt = pallas_amsgrad.amsgrad(0.1, implementation=implementation)
+    params = SHARD_MAP_PARAMS
+    grads = jax.tree.map(lambda p: (p * 0.5).astype(p.dtype), params)
+    state = opt.init(params)
+    expected, _ = jax.jit(opt.step)(grads, state, params)
+    new_params, _ = _users_shard_map(opt, state, check_vma)(grads, state, params)
+    for name in params:
+        np.testing.assert_array_equal(
+            np.asarray(new_params[name]), np.asarray(expected[name]), err_msg=name
+        )
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_compiled_kernels_declare_how_they_vary_inside_a_users_shard_map(platform):
+    """With check_vma=True (shard_map's default) a kernel's outputs must say
+    which mesh axes they vary over; the TPU and GPU kernels do, so the step
+    lowers there."""
+    opt = pallas_amsgrad.amsgrad(0.1, implementation="pallas")
+    state = opt.init(SHARD_MAP_PARAMS)
+    exported = jax.export.export(
+        _users_shard_map(opt, state, check_vma=True), platforms=[platform]
+    )(SHARD_MAP_PARAMS, state, SHARD_MAP_PARAMS)
+    custom_call = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}[platform]
+    assert custom_call in exported.mlir_module()
 
 
 def test_gspmd_partitioner_is_refused_under_auto_axes():
