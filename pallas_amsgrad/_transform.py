@@ -180,9 +180,9 @@ def _init_state(params, mu_dtype) -> optax.ScaleByAmsgradState:
             if isinstance(getattr(p, "sharding", None), NamedSharding):
                 meshes.append(p.sharding.mesh)
             return jnp.zeros_like(p, dtype)
+        # A ShapeDtypeStruct's PartitionSpec comes back resolved on the
+        # context mesh, as a NamedSharding.
         sharding = getattr(p, "sharding", None)
-        if isinstance(sharding, PartitionSpec):  # Under jax.set_mesh.
-            return jnp.zeros(p.shape, dtype, out_sharding=sharding)
         if sharding is not None:
             _sharding.check_splits(
                 f"params{jax.tree_util.keystr(path)}", p.shape, sharding

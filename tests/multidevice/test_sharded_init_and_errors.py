@@ -213,3 +213,16 @@ def test_gspmd_partitioner_is_refused_under_auto_axes():
             jax.jit(opt.step).trace(params, state, params)
     finally:
         jax.config.update("jax_use_shardy_partitioner", True)
+
+
+def test_init_on_abstract_params_given_partition_specs_under_set_mesh():
+    mesh = sharded.make_mesh("1d", AxisType.Explicit)
+    with jax.set_mesh(mesh):
+        abstract = {"a": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=P("data"))}
+        state = pallas_amsgrad.amsgrad(0.1).init(abstract)
+        with pytest.raises(ValueError, match=r"params\['odd'\] has shape \(6, 4\)"):
+            pallas_amsgrad.amsgrad(0.1).init(
+                {"odd": jax.ShapeDtypeStruct((6, 4), jnp.float32, sharding=P("data"))}
+            )
+    assert state[0].mu["a"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
+    assert state[0].count.sharding.is_equivalent_to(NamedSharding(mesh, P()), 0)
