@@ -14,6 +14,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import leaf_tables
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -37,17 +38,8 @@ COLLECTIVES = re.compile(
 )
 
 
-def _is_leaf(x):
-    return isinstance(x, tuple) and isinstance(x[-1], P)
-
-
 def values(seed):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda leaf: np.asarray(jnp.asarray(rng.normal(size=leaf[0]), leaf[1])),
-        LEAVES,
-        is_leaf=_is_leaf,
-    )
+    return leaf_tables.host_values(LEAVES, seed)
 
 
 def train(implementation: str, devices) -> tuple:
@@ -65,7 +57,7 @@ def train(implementation: str, devices) -> tuple:
 
     mesh = jax.sharding.Mesh(np.array(devices).reshape(MESH_SHAPE), MESH_AXES)
     shardings = jax.tree.map(
-        lambda leaf: NamedSharding(mesh, leaf[2]), LEAVES, is_leaf=_is_leaf
+        lambda leaf: NamedSharding(mesh, leaf[2]), LEAVES, is_leaf=leaf_tables.is_leaf
     )
 
     def global_arrays(tree):

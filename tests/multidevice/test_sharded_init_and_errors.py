@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import leaf_tables
 import numpy as np
 import optax
 import pytest
@@ -19,7 +20,7 @@ def _abstract(mesh):
         lambda leaf, s: jax.ShapeDtypeStruct(leaf[0], leaf[1], sharding=s),
         sharded.LEAVES,
         sharded.shardings(mesh),
-        is_leaf=sharded._is_leaf,
+        is_leaf=leaf_tables.is_leaf,
     )
 
 

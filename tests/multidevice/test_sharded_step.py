@@ -11,7 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import leaf_tables
 import pytest
 import tolerances
 from jax.sharding import AxisType, NamedSharding
@@ -43,10 +43,6 @@ HP = spec.Hyperparams(learning_rate=0.01, b1=0.9, b2=0.99, eps=1e-6)
 STEPS = 3
 
 
-def _is_leaf(x):
-    return isinstance(x, tuple) and isinstance(x[-1], P)
-
-
 def _on_mesh(spec_, axis_names):
     """`spec_` with the axes a mesh lacks left out (the 1-D mesh has no model)."""
 
@@ -68,18 +64,12 @@ def shardings(mesh):
     return jax.tree.map(
         lambda leaf: NamedSharding(mesh, _on_mesh(leaf[2], mesh.axis_names)),
         LEAVES,
-        is_leaf=_is_leaf,
+        is_leaf=leaf_tables.is_leaf,
     )
 
 
 def values(seed):
-    """A tree of host (numpy) arrays, which no donation can delete."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda leaf: np.asarray(jnp.asarray(rng.normal(size=leaf[0]), leaf[1])),
-        LEAVES,
-        is_leaf=_is_leaf,
-    )
+    return leaf_tables.host_values(LEAVES, seed)
 
 
 def optimizer(implementation):
@@ -95,7 +85,9 @@ def place(tree, tree_shardings):
 def state_shardings(opt, param_shardings, mesh):
     """The state's shardings: each moment as its param, the count replicated."""
     abstract = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf[0], leaf[1]), LEAVES, is_leaf=_is_leaf
+        lambda leaf: jax.ShapeDtypeStruct(leaf[0], leaf[1]),
+        LEAVES,
+        is_leaf=leaf_tables.is_leaf,
     )
     state = jax.eval_shape(opt.init, abstract)
     replicated = NamedSharding(mesh, P())
@@ -224,7 +216,7 @@ def test_explicit_axes_step_exports_per_shard_kernels(platform):
         lambda leaf, s: jax.ShapeDtypeStruct(leaf[0], leaf[1], sharding=s),
         LEAVES,
         param_shardings,
-        is_leaf=_is_leaf,
+        is_leaf=leaf_tables.is_leaf,
     )
     with jax.set_mesh(mesh):
         state = jax.eval_shape(opt.init, abstract)
