@@ -275,11 +275,11 @@ def _sharding_rule(group: _Group, mesh, operand_types, result_types):
     operands and results; the coefficients are replicated."""
     del mesh
     operands, results = [("coefficients",)], []
-    ranks = iter(len(t.shape) for t in operand_types[1:])
+    operand_count = len(group.operand_names)
     for leaf_index in range(len(group.paths)):
-        operand_count = len(group.operand_names)
-        leaf_ranks = [next(ranks) for _ in range(operand_count)]
-        dims = tuple(f"leaf{leaf_index}_dim{d}" for d in range(leaf_ranks[0]))
+        # Operand 0 is the coefficients; then each leaf's operands in turn.
+        rank = len(operand_types[1 + leaf_index * operand_count].shape)
+        dims = tuple(f"leaf{leaf_index}_dim{d}" for d in range(rank))
         operands += [dims] * operand_count
         results += [dims] * len(group.out_dtypes)
     assert len(results) == len(result_types)
