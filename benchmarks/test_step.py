@@ -18,14 +18,15 @@ import os
 
 import pytest
 
-from pallas_amsgrad import _bench
+from pallas_amsgrad.tools import workloads
+from pallas_amsgrad.tools.bench import contenders
 
-WORKLOADS = _bench.parse_workloads(
-    os.environ.get("PALLAS_AMSGRAD_BENCH_SIZES", _bench.DEFAULT_SIZES),
-    os.environ.get("PALLAS_AMSGRAD_BENCH_MODELS", _bench.DEFAULT_MODELS),
+WORKLOADS = workloads.parse_workloads(
+    os.environ.get("PALLAS_AMSGRAD_BENCH_SIZES", workloads.BENCH_SIZES),
+    os.environ.get("PALLAS_AMSGRAD_BENCH_MODELS", workloads.BENCH_MODELS),
 )
-CONTENDERS = {c.name: c for c in _bench.contenders(with_torch=True)}
-CONFIG = _bench.Config()
+CONTENDERS = {c.name: c for c in contenders.contenders(with_torch=True)}
+CONFIG = contenders.Config()
 
 
 @pytest.mark.parametrize("contender", list(CONTENDERS))
@@ -35,7 +36,7 @@ def test_step(benchmark, workload, contender):
     chosen = CONTENDERS[contender]
     run = chosen.build(shapes, CONFIG)
     parameters = sum(math.prod(s) for s in shapes.values())
-    bytes_per_param = _bench.min_bytes_per_param(
+    bytes_per_param = contenders.min_bytes_per_param(
         CONFIG.dtype, CONFIG.mu_dtype, chosen.job
     )
     benchmark.extra_info.update(

@@ -1,15 +1,19 @@
 """pallas-amsgrad: a fused Pallas AMSGrad step, a drop-in for optax.amsgrad."""
 
-from pallas_amsgrad._kernel import BlockSizes
+from pallas_amsgrad._implementations import IMPLEMENTATIONS, Pallas, Xla
 from pallas_amsgrad._transform import (
     GradientTransformationWithStep,
     amsgrad,
     scale_by_amsgrad,
 )
+from pallas_amsgrad.kernels.common import BlockSizes
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "BlockSizes",
     "GradientTransformationWithStep",
+    "Pallas",
+    "Xla",
     "amsgrad",
     "scale_by_amsgrad",
 ]

@@ -1,13 +1,16 @@
-"""The AMSGrad update of one block, shared by the Pallas kernel and the XLA path.
+"""The AMSGrad update of one block, and the operands every implementation takes.
 
-Both implementations run this one function, so they cannot drift apart; the
-spec (`amsgrad_spec`) is written independently and judges them both.
+Every implementation (the Pallas kernels and the XLA path) runs
+`amsgrad_block` on the same `Coefficients`, so they cannot drift apart; the
+spec (`amsgrad_spec`) is written independently and judges them all. `Operands`
+is the one statement of the order in which a leaf's arrays reach them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,18 +40,27 @@ class Coefficients(NamedTuple):
     inverse_bias_correction_mu: jax.Array
     inverse_bias_correction_nu: jax.Array
 
+    def pack(self, dtype: Any) -> jax.Array:
+        """The coefficients as one 1-D array of `dtype` (SMEM on TPU)."""
+        return jnp.stack([jnp.asarray(c).astype(dtype) for c in self])
+
+    @classmethod
+    def unpack(cls, packed: Any) -> Coefficients:
+        """From a `pack`ed array or a ref to one: each scalar read by index."""
+        return cls(*(packed[i] for i in range(len(cls._fields))))
+
 
 def amsgrad_block(
     grad: jax.Array,
     mu: jax.Array,
     nu: jax.Array,
     nu_max: jax.Array,
-    coefficients: Sequence[jax.Array],
+    c: Coefficients,
     sqrt: Callable[[jax.Array], jax.Array] = jnp.sqrt,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One AMSGrad step on arrays already in the compute dtype.
 
-    Equivalent to the following JAX code, with `c` the `Coefficients`:
+    Equivalent to the following JAX code:
 
         mu = (1 - b1) * g + b1 * mu
         nu = (1 - b2) * g**2 + b2 * nu
@@ -57,7 +69,6 @@ def amsgrad_block(
 
     Returns (update, mu, nu, nu_max), unrounded.
     """
-    c = Coefficients(*coefficients)
     mu = c.one_minus_b1 * grad + c.b1 * mu
     nu = c.one_minus_b2 * (grad * grad) + c.b2 * nu
     nu_max = jnp.maximum(nu_max, nu * c.inverse_bias_correction_nu)
@@ -72,3 +83,67 @@ def sqrt_via_rsqrt(x: jax.Array) -> jax.Array:
     1 / rsqrt(x) keeps sqrt's special values: 0 -> 0, inf -> inf, NaN -> NaN.
     """
     return 1.0 / jax.lax.rsqrt(x)
+
+
+# Each input that is written back, and the output position it becomes.
+_WRITTEN = {"param": 0, "mu": 1, "nu": 2, "nu_max": 3}
+# The pytree each operand comes from, to name a leaf in errors.
+_TREES = {
+    "param": "params",
+    "grad": "grads",
+    "mu": "state.mu",
+    "nu": "state.nu",
+    "nu_max": "state.nu_max",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Operands:
+    """One leaf's arrays, in the order every implementation takes them.
+
+    Inputs are `([param,] grad, mu, nu, nu_max)` and outputs
+    `(param | update, mu, nu, nu_max)`: `step` passes the param and gets it
+    back updated; `update` passes none and gets the update itself.
+    """
+
+    apply_to_params: bool
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        param = ("param",) if self.apply_to_params else ()
+        return (*param, "grad", "mu", "nu", "nu_max")
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return ("param" if self.apply_to_params else "update", "mu", "nu", "nu_max")
+
+    @property
+    def tree_names(self) -> tuple[str, ...]:
+        """The pytree of each input, e.g. "state.mu", for error messages."""
+        return tuple(_TREES[name] for name in self.inputs)
+
+    @property
+    def grad_index(self) -> int:
+        return self.inputs.index("grad")
+
+    @property
+    def reference_index(self) -> int:
+        """The input whose layout a leaf's outputs take: param, else mu."""
+        return 0 if self.apply_to_params else self.inputs.index("mu")
+
+    def written_back(self) -> dict[int, int]:
+        """{input position: output position} of every input the step replaces
+        (all but grad, which is only read)."""
+        return {
+            k: _WRITTEN[name] for k, name in enumerate(self.inputs) if name in _WRITTEN
+        }
+
+    def split(self, leaf: Sequence[Any]) -> tuple[Any, Any, Any, Any, Any]:
+        """(param or None, grad, mu, nu, nu_max) of one leaf's inputs."""
+        if self.apply_to_params:
+            return tuple(leaf)
+        return (None, *leaf)
+
+
+STEP = Operands(apply_to_params=True)
+UPDATE = Operands(apply_to_params=False)

@@ -28,7 +28,7 @@ coefficients, so a sharded step gives the unsharded step's bits.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,65 +40,48 @@ from jax.experimental.custom_partitioning import (
 )
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-GroupFn = Callable[..., list[tuple[jax.Array, ...]]]
-
-# The names of one leaf's operands, in the order the group functions take
-# them, for error messages.
-STEP_OPERANDS = ("params", "grads", "state.mu", "state.nu", "state.nu_max")
-UPDATE_OPERANDS = STEP_OPERANDS[1:]
+from pallas_amsgrad import _math
 
 
 class _Group(NamedTuple):
     """The static description of one group call (hashable)."""
 
-    group_fn: GroupFn
+    implementation: Any  # An `_implementations` object.
     paths: tuple[str, ...]  # Each leaf's key path, e.g. "['dense']['w']".
     out_dtypes: tuple[Any, ...]
-    apply_to_params: bool
-    block_sizes: Any
-
-    @property
-    def operand_names(self) -> tuple[str, ...]:
-        return STEP_OPERANDS if self.apply_to_params else UPDATE_OPERANDS
+    operands: _math.Operands
 
     def run(self, coefficients, leaves):
-        return self.group_fn(
-            coefficients,
-            leaves,
-            out_dtypes=self.out_dtypes,
-            apply_to_params=self.apply_to_params,
-            block_sizes=self.block_sizes,
+        return self.implementation(
+            coefficients, leaves, out_dtypes=self.out_dtypes, operands=self.operands
         )
 
 
 def per_shard(
-    group_fn: GroupFn,
+    implementation: Any,
     coefficients: jax.Array,
     leaves: Sequence[Sequence[jax.Array]],
     *,
     paths: Sequence[str],
     out_dtypes: Sequence[Any],
-    apply_to_params: bool,
-    block_sizes: Any,
+    operands: _math.Operands,
 ) -> list[tuple[jax.Array, ...]]:
-    """`group_fn` run on each device's shards of `leaves`; see the module doc.
+    """`implementation` run on each device's shards of `leaves`; see the
+    module doc.
 
     Args:
-      group_fn: `_kernel.amsgrad_group` or the XLA path, called as
-        `group_fn(coefficients, leaves, out_dtypes=..., apply_to_params=...,
-        block_sizes=...)`.
+      implementation: an `_implementations` object, called as
+        `implementation(coefficients, leaves, out_dtypes=..., operands=...)`.
       coefficients: the group's runtime scalars (replicated).
-      leaves: per leaf, its ([param,] grad, mu, nu, nu_max).
+      leaves: per leaf, its inputs in `operands` order.
       paths: each leaf's key path, to name it in errors.
-      out_dtypes, apply_to_params, block_sizes: passed on to `group_fn`.
+      out_dtypes, operands: passed on to `implementation`.
 
     Returns:
-      Per leaf, (new param | update, mu, nu, nu_max), each sharded as the
-      leaf's param (or, for `update`, its mu).
+      Per leaf, its outputs in `operands` order, each sharded as the leaf's
+      param (or, for `update`, its mu).
     """
-    group = _Group(
-        group_fn, tuple(paths), tuple(out_dtypes), apply_to_params, block_sizes
-    )
+    group = _Group(implementation, tuple(paths), tuple(out_dtypes), operands)
     leaves = [tuple(leaf) for leaf in leaves]
     if jax.device_count() == 1:  # Nothing to partition.
         return group.run(coefficients, leaves)
@@ -119,13 +102,13 @@ def per_shard(
     for path, leaf in zip(group.paths, leaves, strict=True):
         # Concrete arrays (an eager call) carry their shardings: check now.
         shardings = [_concrete_named_sharding(x) for x in leaf]
-        check_leaf(path, group.operand_names, leaf[0].shape, shardings)
+        check_leaf(path, group.operands, leaf[0].shape, shardings)
     return _partitioned_group(coefficients, leaves, group)
 
 
 def check_leaf(
     path: str,
-    operand_names: Sequence[str],
+    operands: _math.Operands,
     shape: tuple[int, ...],
     shardings: Sequence[Any],
 ) -> Any:
@@ -133,18 +116,18 @@ def check_leaf(
 
     Args:
       path: the leaf's key path.
-      operand_names: `STEP_OPERANDS` or `UPDATE_OPERANDS`.
+      operands: the order of the leaf's inputs (`_math.STEP` or `UPDATE`).
       shape: the leaf's (global) shape.
-      shardings: each operand's `jax.sharding.Sharding`, or None if unknown.
+      shardings: each input's `jax.sharding.Sharding`, or None if unknown.
 
     Returns:
       The leaf's reference sharding (its param's, else its mu's), or None.
     """
-    reference_index = 0 if operand_names[0] == "params" else 1
-    reference_name = operand_names[reference_index] + path
-    reference = shardings[reference_index]
-    for name, sharding in zip(operand_names, shardings, strict=True):
-        if name == "grads" or sharding is None:
+    names = operands.tree_names
+    reference_name = names[operands.reference_index] + path
+    reference = shardings[operands.reference_index]
+    for index, (name, sharding) in enumerate(zip(names, shardings, strict=True)):
+        if index == operands.grad_index or sharding is None:
             continue
         if reference is None:
             reference, reference_name = sharding, name + path
@@ -198,9 +181,9 @@ def _in_shard_map(group: _Group, mesh, explicit_axes, coefficients, leaves):
     in_specs, out_specs = [], []
     for index, (path, leaf) in enumerate(zip(group.paths, leaves, strict=True)):
         shardings = [jax.typeof(x).sharding for x in leaf]
-        reference = check_leaf(path, group.operand_names, leaf[0].shape, shardings)
+        reference = check_leaf(path, group.operands, leaf[0].shape, shardings)
         spec = reference.spec
-        grads_index = group.operand_names.index("grads")
+        grads_index = group.operands.grad_index
         if not _same_layout(shardings[grads_index], reference, leaf[0].ndim):
             leaf = list(leaf)
             leaf[grads_index] = jax.sharding.reshard(leaf[grads_index], spec)
@@ -231,9 +214,7 @@ def _leaf_shardings(group: _Group, arg_shapes):
     references = []
     for path, leaf in zip(group.paths, leaves, strict=True):
         shardings = [x.sharding for x in leaf]
-        references.append(
-            check_leaf(path, group.operand_names, leaf[0].shape, shardings)
-        )
+        references.append(check_leaf(path, group.operands, leaf[0].shape, shardings))
     return references
 
 
@@ -275,7 +256,7 @@ def _sharding_rule(group: _Group, mesh, operand_types, result_types):
     operands and results; the coefficients are replicated."""
     del mesh
     operands, results = [("coefficients",)], []
-    operand_count = len(group.operand_names)
+    operand_count = len(group.operands.inputs)
     for leaf_index in range(len(group.paths)):
         # Operand 0 is the coefficients; then each leaf's operands in turn.
         rank = len(operand_types[1 + leaf_index * operand_count].shape)

@@ -8,15 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = (None, "pallas", "xla")
-
-
-def check_implementation(implementation: Any) -> None:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}"
-        )
-
 
 def check_scalar(name: str, value: Any) -> None:
     """A hyperparameter must be a real scalar (Python number or 0-d array)."""

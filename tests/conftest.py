@@ -33,7 +33,16 @@ if _IN_MUTANTS:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+from implementations import IMPLEMENTATIONS  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=list(IMPLEMENTATIONS))
+def implementation(request):
+    """Each implementation object in turn: every check that takes this
+    fixture runs on all of them."""
+    return IMPLEMENTATIONS[request.param]
 
 
 def pytest_ignore_collect(collection_path, config):

@@ -13,7 +13,8 @@ import math
 
 import pytest
 
-from pallas_amsgrad import _bench, cli
+from pallas_amsgrad.tools import cli, workloads
+from pallas_amsgrad.tools.bench import contenders, report
 
 
 @pytest.mark.parametrize(
@@ -29,27 +30,28 @@ from pallas_amsgrad import _bench, cli
     ],
 )
 def test_min_bytes_per_param(dtype, mu_dtype, job, expected):
-    assert _bench.min_bytes_per_param(dtype, mu_dtype, job) == expected
+    assert contenders.min_bytes_per_param(dtype, mu_dtype, job) == expected
 
 
 def test_parse_size():
-    assert _bench.parse_size("4M") == 4 << 20
-    assert _bench.parse_size("64k") == 65536
-    assert _bench.parse_size("1000") == 1000
+    assert workloads.parse_size("4M") == 4 << 20
+    assert workloads.parse_size("64k") == 65536
+    assert workloads.parse_size("1000") == 1000
     for bad in ("", "0", "-1", "4T", "1.5M"):
         with pytest.raises(ValueError, match="positive count"):
-            _bench.parse_size(bad)
+            workloads.parse_size(bad)
 
 
 def test_model_workloads_have_their_published_sizes():
     sizes = {
         name: sum(math.prod(s) for s in shapes.values())
-        for name, shapes in _bench.workloads([], _bench.MODELS).items()
+        for name, shapes in workloads.workloads([], workloads.MODELS).items()
     }
     assert sizes["gpt2-small"] == 124_439_808  # GPT-2 small, tied embedding.
     assert 50e6 < sizes["llama-small"] < 70e6
+    assert sizes["transformer-tiny"] == 172_585  # verify's default tree.
     with pytest.raises(ValueError, match="unknown model 'gpt5'"):
-        _bench.workloads([], ["gpt5"])
+        workloads.workloads([], ["gpt5"])
 
 
 def _run(*fractions):
@@ -64,9 +66,9 @@ def _run(*fractions):
 
 def test_compare_flags_only_drops_beyond_tolerance():
     baseline = _run(0.8, 0.5)
-    lines, regressed = _bench.compare(_run(0.7, 0.55), baseline, tolerance=0.25)
+    lines, regressed = report.compare(_run(0.7, 0.55), baseline, tolerance=0.25)
     assert not regressed, lines  # -12.5% and +10% are within 25%.
-    lines, regressed = _bench.compare(_run(0.5, 0.55), baseline, tolerance=0.25)
+    lines, regressed = report.compare(_run(0.5, 0.55), baseline, tolerance=0.25)
     assert regressed
     assert [line.split()[0] for line in lines] == ["REGRESSION", "ok"]
     assert "step" in lines[0] and "-38%" in lines[0]
@@ -74,10 +76,10 @@ def test_compare_flags_only_drops_beyond_tolerance():
 
 def test_compare_skips_cases_missing_or_not_measured():
     baseline = _run(0.8, float("nan"))
-    lines, regressed = _bench.compare(_run(0.8, 0.1), baseline, tolerance=0.1)
+    lines, regressed = report.compare(_run(0.8, 0.1), baseline, tolerance=0.1)
     assert not regressed, lines
     partial = {"cases": _run(0.8, 0.5)["cases"][:2]}
-    lines, regressed = _bench.compare(partial, baseline, tolerance=0.1)
+    lines, regressed = report.compare(partial, baseline, tolerance=0.1)
     assert not regressed
     assert any(line.startswith("not run") and "optax" in line for line in lines)
 

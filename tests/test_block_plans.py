@@ -14,15 +14,15 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pallas_amsgrad import _gpu_group, _kernel, _tpu_group
+from pallas_amsgrad.kernels import common, gpu, tpu
 
 dims = st.integers(1, 70)
-elements = st.sampled_from([16, 32, 64]).map(lambda rows: rows * _kernel.LANES)
+elements = st.sampled_from([16, 32, 64]).map(lambda rows: rows * common.LANES)
 
 
 def _padded(block):
     *leading, rows, cols = block
-    lanes, row_multiple = _kernel.LANES, _kernel.ROW_MULTIPLE
+    lanes, row_multiple = common.LANES, common.ROW_MULTIPLE
     return (
         math.prod(leading)
         * (-(-rows // row_multiple) * row_multiple)
@@ -33,7 +33,7 @@ def _padded(block):
 @given(shape=st.tuples(st.integers(1, 5), dims, st.integers(1, 700)), elements=elements)
 def test_tpu_regions_cover_every_element_once_within_vmem(shape, elements):
     covered = np.zeros(shape, np.int32)
-    for region in _tpu_group.regions(shape, elements):
+    for region in tpu.regions(shape, elements):
         assert _padded(region.block) <= elements, region
         splits = (region.leading, region.rows, region.cols)
         for index in np.ndindex(*(split.blocks for split in splits)):
@@ -47,7 +47,7 @@ def test_tpu_regions_cover_every_element_once_within_vmem(shape, elements):
 
 @given(shape=st.lists(st.integers(0, 40), max_size=4).map(tuple))
 def test_tpu_views_keep_the_tiled_dims(shape):
-    view = _tpu_group.view_shape(shape)
+    view = tpu.view_shape(shape)
     assert len(view) == 3 and math.prod(view) == math.prod(shape)
     if len(shape) >= 2:
         assert view[1:] == shape[-2:]
@@ -56,7 +56,7 @@ def test_tpu_views_keep_the_tiled_dims(shape):
 @given(leaf_rows=st.lists(st.integers(1, 100), min_size=1, max_size=6), data=st.data())
 def test_gpu_segments_give_each_cuda_block_one_block_of_one_leaf(leaf_rows, data):
     block_rows = data.draw(st.sampled_from([16, 32]))
-    plan = _gpu_group.segments(leaf_rows, block_rows)
+    plan = gpu.segments(leaf_rows, block_rows)
     grid = sum(segment.blocks for segment in plan)
     owners = np.zeros(grid, np.int32)
     covered = [np.zeros(rows, np.int32) for rows in leaf_rows]

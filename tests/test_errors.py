@@ -9,9 +9,9 @@ import pytest
 import pallas_amsgrad
 
 
-@pytest.fixture(params=["pallas", "xla"])
-def opt(request):
-    return pallas_amsgrad.amsgrad(0.1, implementation=request.param)
+@pytest.fixture
+def opt(implementation):
+    return pallas_amsgrad.amsgrad(0.1, implementation=implementation)
 
 
 def params():
@@ -76,6 +76,29 @@ def test_learning_rate_scalar_or_callable(learning_rate):
 def test_unknown_implementation():
     with pytest.raises(ValueError, match=r"implementation='triton' is not one of"):
         pallas_amsgrad.amsgrad(0.1, implementation="triton")
+    with pytest.raises(TypeError, match=r"implementation=<object .*> is not one of"):
+        pallas_amsgrad.amsgrad(0.1, implementation=object())
+
+
+def test_block_sizes_beside_an_implementation_object():
+    with pytest.raises(ValueError, match=r"set it on the object"):
+        pallas_amsgrad.amsgrad(
+            0.1,
+            implementation=pallas_amsgrad.Pallas(),
+            block_sizes=pallas_amsgrad.BlockSizes(16),
+        )
+    with pytest.raises(TypeError, match=r"block_sizes=32 must be a BlockSizes"):
+        pallas_amsgrad.Pallas(block_sizes=32)
+    with pytest.raises(TypeError, match=r"block_sizes=32 must be a BlockSizes"):
+        pallas_amsgrad.amsgrad(0.1, block_sizes=32)
+
+
+def test_step_without_params_is_refused_at_trace_time(opt):
+    """`update` takes params=None; `step` would return the updates as if they
+    were the new params."""
+    state = opt.init(params())
+    with pytest.raises(TypeError, match=r"params=None; pass the params"):
+        jax.jit(opt.step).trace(params(), state, None)
 
 
 @pytest.mark.parametrize("name", ["b1", "b2", "eps", "eps_root"])

@@ -14,8 +14,6 @@ tests/test_lowering.py checks the compiled kernel's aliases instead).
 from __future__ import annotations
 
 import contextlib
-import functools
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +22,11 @@ import strategies
 import tolerances
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
+from implementations import check_against_spec, gpu_interpreted
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-from test_implementations import check_against_spec
 
 import amsgrad_spec as spec
-import pallas_amsgrad
-from pallas_amsgrad import _gpu_group, _kernel
+from pallas_amsgrad.kernels import common, gpu
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +35,10 @@ GPU_BLOCK_ROWS = [16, 32]
 
 
 @contextlib.contextmanager
-def gpu_interpreter():
-    """Routes every kernel call through the GPU interpreter; fails on races."""
+def race_checked():
+    """Fails if the GPU interpreter detected a data race in the kernels run."""
     interpret_pallas_call.reset_gpu_interpret_mode_state()
-    params = InterpretGPUParams(detect_races=True, uninitialized_memory="zero")
-    with mock.patch.object(
-        _kernel,
-        "amsgrad_group",
-        functools.partial(_kernel.amsgrad_group, gpu_interpret_params=params),
-    ):
-        yield
+    yield
     races = interpret_pallas_call.get_races()
     assert races is not None, "no kernel ran in the GPU interpreter"
     assert not races.races_found, "the GPU interpreter detected a data race"
@@ -66,13 +56,12 @@ def test_gpu_kernel_matches_spec_without_races(dtype, mu_dtype, data):
         strategies.interpreter_cases(dtype, mu_dtype, GPU_BLOCK_ROWS)
     )
     note(f"{hp=} {block_rows=}")
-    with gpu_interpreter():
+    with race_checked():
         check_against_spec(
-            "pallas",
+            gpu_interpreted(block_rows),
             params,
             grads,
             hp,
-            pallas_amsgrad.BlockSizes(block_rows),
             max_ulps=tolerances.INTERPRETED_GPU_ULPS,
         )
 
@@ -81,20 +70,19 @@ def test_gpu_kernel_on_a_multi_block_tree():
     """One fixed case, fast enough for the mutation-testing selection: leaves
     of three whole blocks, of two blocks and a tail, and under one row."""
     params = {
-        "w": jnp.linspace(-1, 1, 48 * _kernel.LANES).reshape(48, _kernel.LANES),
-        "v": jnp.linspace(-3, 3, 40 * _kernel.LANES).reshape(40, _kernel.LANES),
+        "w": jnp.linspace(-1, 1, 48 * common.LANES).reshape(48, common.LANES),
+        "v": jnp.linspace(-3, 3, 40 * common.LANES).reshape(40, common.LANES),
         "b": jnp.linspace(-2, 2, 100),
     }
     grads = [
         jax.tree.map(lambda p, s=s: jnp.cos(p * (2 + s)), params) for s in range(2)
     ]
-    assert len(_gpu_group.segments([48, 40, 1], 16)) == 4
-    with gpu_interpreter():
+    assert len(gpu.segments([48, 40, 1], 16)) == 4
+    with race_checked():
         check_against_spec(
-            "pallas",
+            gpu_interpreted(16),
             params,
             grads,
             spec.Hyperparams(0.01, mu_dtype=jnp.float32),
-            pallas_amsgrad.BlockSizes(16),
             max_ulps=tolerances.INTERPRETED_GPU_ULPS,
         )

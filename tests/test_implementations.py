@@ -1,6 +1,7 @@
 """The fused kernel (interpreted on CPU) and the XLA path against the spec.
 
-Full grid: param dtype x mu_dtype x implementation, parametrized; hypothesis
+Full grid: param dtype x mu_dtype x implementation (the `implementation`
+fixture, every object in tests/implementations.py), parametrized; hypothesis
 draws the trees, values, both bias-correction flags, eps_root, constant and
 scheduled learning rates and block sizes; three steps, one with zero gradient.
 """
@@ -17,60 +18,15 @@ import strategies
 import tolerances
 from hypothesis import given, note
 from hypothesis import strategies as st
+from implementations import check_against_spec
 
 import amsgrad_spec as spec
 import pallas_amsgrad
 from pallas_amsgrad import _math
 
-IMPLEMENTATIONS = ["pallas", "xla"]
 block_sizes = st.sampled_from(
     [None, pallas_amsgrad.BlockSizes(16), pallas_amsgrad.BlockSizes(32)]
 )
-
-
-def optimizer(hp, implementation, block_sizes=None):
-    """pallas_amsgrad.amsgrad with the hyperparameters of `hp`."""
-    return pallas_amsgrad.amsgrad(
-        **strategies.optax_kwargs(hp),
-        implementation=implementation,
-        block_sizes=block_sizes,
-    )
-
-
-def check_against_spec(
-    implementation,
-    params,
-    grads,
-    hp,
-    block_sizes=None,
-    max_ulps=tolerances.IMPLEMENTATION_ULPS,
-):
-    opt = optimizer(hp, implementation, block_sizes)
-    state = opt.init(params)
-    reference = optax.amsgrad(**strategies.optax_kwargs(hp)).init(params)
-    tolerances.assert_trees_equal(state, reference, "init: ")
-
-    update, step = jax.jit(opt.update), jax.jit(opt.step)
-    for i, g in enumerate(grads):
-        # Each step starts the spec from the implementation's own state, so
-        # last-bit differences are judged per step rather than compounded.
-        spec_state = spec.AmsgradState(*state[0])
-        updates, new_state = update(g, state, params)
-        new_params, step_state = step(g, state, params)
-        expected_updates, expected_state = spec.update(g, spec_state, hp)
-        expected_params, _ = spec.step(g, spec_state, params, hp)
-        context = f"step {i}: "
-        tolerances.assert_trees_equal(
-            step_state, new_state, context + "step vs update state: "
-        )
-        tolerances.assert_trees_ulp_close(
-            (updates, tuple(new_state[0]), new_params),
-            (expected_updates, tuple(expected_state), expected_params),
-            max_ulps,
-            context,
-            scales=tolerances.summand_scales(g, spec_state, params, hp),
-        )
-        state, params = new_state, new_params
 
 
 @given(data=st.data())
@@ -80,7 +36,6 @@ def check_against_spec(
 @pytest.mark.parametrize(
     "dtype", strategies.PARAM_DTYPES, ids=lambda d: jnp.dtype(d).name
 )
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_matches_spec(implementation, dtype, mu_dtype, data):
     params, grads = data.draw(strategies.trajectories(dtype))
     hp = data.draw(strategies.hyperparams(mu_dtype))
@@ -90,7 +45,6 @@ def test_matches_spec(implementation, dtype, mu_dtype, data):
 
 
 @given(data=st.data())
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_float64_matches_spec(implementation, data):
     with jax.enable_x64(True):
         params, grads = data.draw(strategies.trajectories(jnp.float64))
@@ -100,7 +54,6 @@ def test_float64_matches_spec(implementation, data):
         check_against_spec(implementation, params, grads, hp)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", strategies.EDGE_SHAPES, ids=str)
 def test_edge_shapes(implementation, dtype, shape):
@@ -116,7 +69,6 @@ def test_edge_shapes(implementation, dtype, shape):
     )
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_nan_and_inf_propagate_as_in_spec(implementation):
     grads = jnp.array([1.0, jnp.nan, jnp.inf, -jnp.inf, 0.5, 0.0, 2.0, -3.0])
     params = jnp.ones_like(grads)
@@ -125,7 +77,6 @@ def test_nan_and_inf_propagate_as_in_spec(implementation):
     )
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_scale_by_amsgrad_matches_spec(implementation):
     params = {"a": jnp.linspace(-1, 1, 300).reshape(3, 100), "b": jnp.ones(5)}
     opt = pallas_amsgrad.scale_by_amsgrad(
@@ -146,7 +97,6 @@ def test_scale_by_amsgrad_matches_spec(implementation):
         )
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_float16_gradients_are_squared_in_float32(implementation):
     """Squared in float16, |g| < 2**-12 underflows to 0 (and the update
     becomes mu / eps) and |g| > 256 overflows to inf; the precision rule
@@ -174,3 +124,47 @@ def test_gpu_sqrt_is_sqrt():
     assert got.dtype == want.dtype
     # rsqrt and the division round once each: within 2 ULPs of sqrt.
     assert tolerances.ulp_distance(got, want).max() <= 2
+
+
+LEARNING_RATES = {
+    "float": 0.1,  # Weakly typed: the update keeps its dtype.
+    "float32-array": jnp.asarray(0.1, jnp.float32),  # Lifts 16-bit updates.
+    "bfloat16-array": jnp.asarray(0.1, jnp.bfloat16),
+    "schedule-strong": optax.linear_schedule(0.1, 0.01, 10),  # float32 arrays.
+    "schedule-weak": lambda count: 0.1,  # A Python float: cast, not promoted.
+}
+
+
+@pytest.mark.parametrize("learning_rate", list(LEARNING_RATES))
+@pytest.mark.parametrize(
+    "mu_dtype", strategies.MU_DTYPES, ids=lambda d: f"mu={d and jnp.dtype(d).name}"
+)
+@pytest.mark.parametrize(
+    "dtype", strategies.PARAM_DTYPES, ids=lambda d: jnp.dtype(d).name
+)
+def test_output_dtypes_equal_optax(implementation, dtype, mu_dtype, learning_rate):
+    """Updates and state of `update`, and params and state of `step`, have
+    optax's dtypes (`update` + `apply_updates`) for every learning-rate kind."""
+    kwargs = dict(learning_rate=LEARNING_RATES[learning_rate], mu_dtype=mu_dtype)
+    theirs = optax.amsgrad(**kwargs)
+    ours = pallas_amsgrad.amsgrad(**kwargs, implementation=implementation)
+    params = {
+        "w": jax.ShapeDtypeStruct((3, 130), dtype),
+        "s": jax.ShapeDtypeStruct((), dtype),
+    }
+
+    def optax_step(grads, params):
+        updates, state = theirs.update(grads, theirs.init(params), params)
+        return updates, state, optax.apply_updates(params, updates), state
+
+    def our_step(grads, params):
+        updates, state = ours.update(grads, ours.init(params), params)
+        new_params, step_state = ours.step(grads, ours.init(params), params)
+        return updates, state, new_params, step_state
+
+    def dtypes(tree):
+        return jax.tree.map(lambda x: jnp.dtype(x.dtype), tree)
+
+    assert dtypes(jax.eval_shape(our_step, params, params)) == dtypes(
+        jax.eval_shape(optax_step, params, params)
+    )

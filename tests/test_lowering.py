@@ -18,7 +18,8 @@ import pytest
 import strategies
 
 import pallas_amsgrad
-from pallas_amsgrad import _kernel
+from pallas_amsgrad import _math
+from pallas_amsgrad.kernels import common
 
 CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}
 
@@ -66,12 +67,13 @@ def _aliases(call: str) -> dict[int, int]:
 
 
 def _expected_aliased_operands(fn_name, leaves):
-    """Operands: 0 the coefficients, then per leaf (param,) grad, mu, nu,
-    nu_max. Everything but grad is written back in place; the update of
+    """Operands: 0 the coefficients, then each leaf's inputs in `_math`'s
+    order. Everything but grad is written back in place; the update of
     `update` is a new array (grad is only read)."""
-    per_leaf = (0, 2, 3, 4) if fn_name == "step" else (1, 2, 3)
-    inputs = 5 if fn_name == "step" else 4
-    return {1 + inputs * k + operand for k in range(leaves) for operand in per_leaf}
+    operands = _math.STEP if fn_name == "step" else _math.UPDATE
+    inputs = operands.inputs
+    written = [inputs.index(name) for name in inputs if name != "grad"]
+    return {1 + len(inputs) * k + i for k in range(leaves) for i in written}
 
 
 @pytest.mark.parametrize("fn_name", ["step", "update"])
@@ -95,10 +97,10 @@ def test_lowers_with_every_state_array_aliased(platform, dtype, mu_dtype, fn_nam
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_default_block_sizes_fit_on_chip_memory(platform):
     """For every dtype mix the kernel takes (9 arrays, each 16 or 32 bits)."""
-    limit = {"tpu": _kernel.TPU_VMEM_BYTES, "cuda": _kernel.GPU_SMEM_BYTES}[platform]
-    block_rows = _kernel.BlockSizes.get_default(platform).block_rows
+    limit = {"tpu": common.TPU_VMEM_BYTES, "cuda": common.GPU_SMEM_BYTES}[platform]
+    block_rows = common.BlockSizes.get_default(platform).block_rows
     for dtypes in itertools.product(["float32", "bfloat16"], repeat=9):
-        assert _kernel.on_chip_bytes(block_rows, dtypes, platform) <= limit
+        assert common.on_chip_bytes(block_rows, dtypes, platform) <= limit
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
@@ -120,10 +122,8 @@ def test_block_sizes_over_on_chip_memory_raise_at_trace_time(platform):
 def test_largest_gpu_block_within_our_limit_passes_mosaic_gpu():
     """Our shared-memory bound is not looser than Mosaic GPU's own check."""
     dtypes = ["float32"] * 9
-    per_row = _kernel.on_chip_bytes(1, dtypes, "cuda")
-    rows = (
-        _kernel.GPU_SMEM_BYTES // per_row // _kernel.ROW_MULTIPLE * _kernel.ROW_MULTIPLE
-    )
+    per_row = common.on_chip_bytes(1, dtypes, "cuda")
+    rows = common.GPU_SMEM_BYTES // per_row // common.ROW_MULTIPLE * common.ROW_MULTIPLE
     _export(
         "cuda",
         "step",

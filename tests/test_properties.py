@@ -15,17 +15,15 @@ import strategies
 import tolerances
 from hypothesis import given, note
 from hypothesis import strategies as st
-from test_implementations import check_against_spec, optimizer
+from implementations import check_against_spec, optimizer
 
 import amsgrad_spec as spec
 import pallas_amsgrad
 
-IMPLEMENTATIONS = ["pallas", "xla"]
 INT32_MAX = np.iinfo(np.int32).max
 
 
 @given(data=st.data())
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_nu_max_never_decreases(implementation, data):
     dtype = data.draw(st.sampled_from(strategies.PARAM_DTYPES))
     params, grads = data.draw(strategies.trajectories(dtype, steps=4))
@@ -43,7 +41,6 @@ def test_nu_max_never_decreases(implementation, data):
         state = new_state
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("schedule", [False, True], ids=["constant", "schedule"])
 def test_count_saturates_at_int32_max(implementation, schedule):
     lr = optax.constant_schedule(0.1) if schedule else 0.1
@@ -117,7 +114,6 @@ def _moments(state, i, subtree=lambda tree: tree):
 
 
 @given(data=st.data())
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_leaf_alone_equals_leaf_in_a_large_tree(implementation, data):
     """No padding or neighbouring leaf leaks into a leaf's results, even
     neighbours whose gradients are NaN, inf or huge."""
@@ -155,7 +151,6 @@ def _copies(tree):
     return [np.array(x, copy=True) for x in jax.tree.leaves(tree)]
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_arrays_not_donated_are_never_modified(implementation):
     opt = pallas_amsgrad.amsgrad(0.1, implementation=implementation)
     params = {"w": jnp.linspace(-1, 1, 300).reshape(3, 100), "b": jnp.ones(7)}
@@ -169,7 +164,6 @@ def test_arrays_not_donated_are_never_modified(implementation):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_donated_arrays_are_reused(implementation):
     """Every donated param and moment buffer comes back as an output buffer."""
     opt = pallas_amsgrad.amsgrad(0.1, implementation=implementation)
@@ -186,7 +180,6 @@ def test_donated_arrays_are_reused(implementation):
 
 
 @given(data=st.data())
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_non_finite_gradient_element_stays_local(implementation, data):
     """NaN/inf in one gradient element: the outputs that turn non-finite are
     exactly the spec's, that element's alone, and all others match the spec."""

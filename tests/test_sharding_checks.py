@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pallas_amsgrad import _sharding
+from pallas_amsgrad import _math, _sharding
 
 MESH = AbstractMesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
 OTHER_MESH = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
@@ -68,22 +68,14 @@ def test_a_leaf_sharded_alike_returns_the_params_sharding():
     params = named("data", None)
     shardings = [params, named("model"), named("data"), params, named("data", None)]
     # Trailing Nones do not matter; the grads (second) may differ.
-    assert (
-        _sharding.check_leaf("['w']", _sharding.STEP_OPERANDS, (8, 4), shardings)
-        is params
-    )
+    assert _sharding.check_leaf("['w']", _math.STEP, (8, 4), shardings) is params
 
 
 def test_update_takes_mu_as_the_reference_and_unknowns_are_skipped():
     mu = named("data")
     shardings = [None, mu, None, mu]  # grads, mu, nu, nu_max
-    assert (
-        _sharding.check_leaf("['w']", _sharding.UPDATE_OPERANDS, (8,), shardings) is mu
-    )
-    assert (
-        _sharding.check_leaf("['w']", _sharding.UPDATE_OPERANDS, (8,), [None] * 4)
-        is None
-    )
+    assert _sharding.check_leaf("['w']", _math.UPDATE, (8,), shardings) is mu
+    assert _sharding.check_leaf("['w']", _math.UPDATE, (8,), [None] * 4) is None
 
 
 @pytest.mark.parametrize(
@@ -106,7 +98,7 @@ def test_state_sharded_unlike_its_param_is_named(state_sharding, shown):
         + shown
         + r" but params\['w'\] as P\('data', None\)",
     ):
-        _sharding.check_leaf("['w']", _sharding.STEP_OPERANDS, (8, 4), shardings)
+        _sharding.check_leaf("['w']", _math.STEP, (8, 4), shardings)
 
 
 def test_the_reference_must_split_evenly():
@@ -114,7 +106,7 @@ def test_the_reference_must_split_evenly():
     with pytest.raises(ValueError, match=r"params\['w'\] has shape \(6, 4\)"):
         _sharding.check_leaf(
             "['w']",
-            _sharding.STEP_OPERANDS,
+            _math.STEP,
             (6, 4),
             [params, None, params, params, params],
         )

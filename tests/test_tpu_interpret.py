@@ -10,8 +10,6 @@ compiler parameters; results are checked against the spec.
 from __future__ import annotations
 
 import contextlib
-import functools
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +18,13 @@ import strategies
 import tolerances
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
+from implementations import check_against_spec, tpu_interpreted
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from test_implementations import check_against_spec
 
 import amsgrad_spec as spec
-import pallas_amsgrad
-from pallas_amsgrad import _kernel, _tpu_group
+from pallas_amsgrad.kernels import common, tpu
 
 pytestmark = pytest.mark.slow
 
@@ -36,27 +33,11 @@ pytestmark = pytest.mark.slow
 TPU_BLOCK_ROWS = [16, 32]
 
 
-def interpret_params(**overrides) -> pltpu.InterpretParams:
-    """The strictest TPU interpreter: two cores, races and bad reads fail."""
-    settings = dict(
-        detect_races=True,
-        uninitialized_memory="nan",
-        out_of_bounds_reads="raise",
-        num_cores_or_threads=2,
-    )
-    return pltpu.InterpretParams(**(settings | overrides))
-
-
 @contextlib.contextmanager
-def tpu_interpreter(params: pltpu.InterpretParams):
-    """Routes every kernel call through the TPU interpreter; fails on races."""
+def race_checked():
+    """Fails if the TPU interpreter detected a data race in the kernels run."""
     pltpu.reset_tpu_interpret_mode_state()
-    with mock.patch.object(
-        _kernel,
-        "amsgrad_group",
-        functools.partial(_kernel.amsgrad_group, tpu_interpret_params=params),
-    ):
-        yield
+    yield
     races = interpret_pallas_call.races
     assert races is not None, "no kernel ran in the TPU interpreter"
     assert not races.races_found, "the TPU interpreter detected a data race"
@@ -75,13 +56,12 @@ def test_tpu_kernel_matches_spec_without_races(dtype, mu_dtype, data):
     )
     seed = data.draw(st.integers(0, 2**16))
     note(f"{hp=} {block_rows=} {seed=}")
-    with tpu_interpreter(interpret_params(random_seed=seed)):
+    with race_checked():
         check_against_spec(
-            "pallas",
+            tpu_interpreted(block_rows, random_seed=seed),
             params,
             grads,
             hp,
-            pallas_amsgrad.BlockSizes(block_rows),
             max_ulps=tolerances.INTERPRETED_TPU_ULPS,
         )
 
@@ -93,25 +73,24 @@ def test_tpu_kernel_on_a_multi_block_tree():
     tail columns, the corner); take a 3-D leaf two whole (3, 7) slices at a
     time, then its last; and a vector that is not a whole number of rows."""
     params = {
-        "w": jnp.linspace(-1, 1, 96 * _kernel.LANES).reshape(96, _kernel.LANES),
-        "w_twin": jnp.linspace(2, -1, 96 * _kernel.LANES).reshape(96, _kernel.LANES),
+        "w": jnp.linspace(-1, 1, 96 * common.LANES).reshape(96, common.LANES),
+        "w_twin": jnp.linspace(2, -1, 96 * common.LANES).reshape(96, common.LANES),
         "wide": jnp.linspace(-1, 1, 40 * 300).reshape(40, 300),
         "3d": jnp.linspace(-2, 2, 5 * 3 * 7).reshape(5, 3, 7).astype(jnp.bfloat16),
         "vector": jnp.linspace(-3, 3, 1000).astype(jnp.bfloat16),
     }
-    elements = 32 * _kernel.LANES
-    assert len(_tpu_group.regions((1, 40, 300), elements)) == 4
-    assert _tpu_group.regions((5, 3, 7), elements)[0].block == (2, 3, 7)
+    elements = 32 * common.LANES
+    assert len(tpu.regions((1, 40, 300), elements)) == 4
+    assert tpu.regions((5, 3, 7), elements)[0].block == (2, 3, 7)
     grads = [
         jax.tree.map(lambda p, s=s: jnp.cos(p * (2 + s)), params) for s in range(2)
     ]
-    with tpu_interpreter(interpret_params()):
+    with race_checked():
         check_against_spec(
-            "pallas",
+            tpu_interpreted(32),
             params,
             grads,
             spec.Hyperparams(0.01, mu_dtype=jnp.float32),
-            pallas_amsgrad.BlockSizes(32),
             max_ulps=tolerances.INTERPRETED_TPU_ULPS,
         )
 
@@ -129,7 +108,7 @@ def test_race_detector_sees_a_racy_kernel():
         out_specs=pl.BlockSpec((16, 128), lambda i: (0, 0)),  # Shared by both.
         out_shape=jax.ShapeDtypeStruct((16, 128), jnp.float32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        interpret=interpret_params(),
+        interpret=tpu_interpreted(16).interpret_params,
     )
     pltpu.reset_tpu_interpret_mode_state()
     jax.block_until_ready(racy_call(jnp.zeros((32, 128), jnp.float32)))

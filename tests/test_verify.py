@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
-from pallas_amsgrad import _verify, cli
+import pallas_amsgrad
+from pallas_amsgrad import _math
+from pallas_amsgrad.tools import cli, verify
 
 
 def small_params():
@@ -19,7 +23,7 @@ def small_params():
 
 
 def test_cli_prints_table_and_exits_zero(monkeypatch, capsys):
-    monkeypatch.setattr(_verify, "default_params", lambda: small_params())
+    monkeypatch.setattr(verify, "default_params", lambda: small_params())
     assert cli.main(["verify", "--steps", "3"]) == 0
     out = capsys.readouterr().out
     rows = [
@@ -32,16 +36,63 @@ def test_cli_prints_table_and_exits_zero(monkeypatch, capsys):
     assert "FAIL" not in out and out.rstrip().endswith("36 passed, 0 failed")
 
 
-def test_disagreement_fails(monkeypatch):
+def test_progress_on_stderr_as_rows_stream(monkeypatch, capsys):
+    monkeypatch.setattr(verify, "default_params", small_params)
+    streamed = []
+    real_format_row = verify.format_row
+
+    def format_row(row):
+        # Each row is printed while the run goes on, after the rows before it.
+        streamed.append(capsys.readouterr())
+        return real_format_row(row)
+
+    monkeypatch.setattr(verify, "format_row", format_row)
+    assert cli.main(["verify", "--steps", "1"]) == 0
+    assert len(streamed) == 36
+    assert streamed[0].out.startswith("pallas-amsgrad verify on cpu")
+    assert "[1/12] float32 params, mu_dtype param; 0.0 s elapsed" in streamed[0].err
+    # Three rows (pallas, xla, optax) per configuration.
+    assert "[12/12] float16 params, mu_dtype float32" in streamed[33].err
+
+
+def test_every_row_compares_values():
+    """No row passes vacuously: float16 rows draw gradients in float16's
+    normal range, so optax's values are compared there too."""
+    rows = verify.verify(params=small_params(), steps=3)
+    for row in rows:
+        assert row.compared > row.left_out, row
+        assert row.passed, row
+
+
+def test_a_row_that_compared_nothing_fails():
+    row = verify._row("float16", None, "optax", verify._Worst(left_out=5))
+    assert not row.passed and row.compared == 0
+    assert "no values compared" in row.note
+    assert "FAIL" in verify.format_row(dataclasses.asdict(row))
+
+
+@dataclasses.dataclass(frozen=True)
+class WrongB1:
+    """The XLA path run with b1 = 0.85 whatever the optimizer was given."""
+
+    name: ClassVar[str] = "wrong-b1"
+
+    def __call__(self, coefficients, leaves, *, out_dtypes, operands):
+        wrong = _math.Coefficients.unpack(coefficients)._replace(
+            b1=0.85, one_minus_b1=0.15
+        )
+        return pallas_amsgrad.Xla()(
+            wrong.pack(coefficients.dtype),
+            leaves,
+            out_dtypes=out_dtypes,
+            operands=operands,
+        )
+
+
+def test_disagreement_fails():
     """A contender with a wrong b1 fails every one of its rows."""
-    real_amsgrad = _verify._transform.amsgrad
-
-    def wrong_b1(learning_rate, **kwargs):
-        return real_amsgrad(learning_rate, b1=0.85, **kwargs)
-
-    monkeypatch.setattr(_verify._transform, "amsgrad", wrong_b1)
-    rows = _verify.verify(params=small_params(), steps=2, implementations=("xla",))
-    failed = [r for r in rows if r.contender == "xla" and not r.passed]
+    rows = verify.verify(params=small_params(), steps=2, implementations=(WrongB1(),))
+    failed = [r for r in rows if r.contender == "wrong-b1" and not r.passed]
     assert len(failed) == 12
 
 
@@ -61,7 +112,7 @@ def test_json_report_of_a_users_npz(tmp_path, capsys):
 
 
 def test_json_file_beside_the_table(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(_verify, "default_params", small_params)
+    monkeypatch.setattr(verify, "default_params", small_params)
     out = tmp_path / "verify.json"
     assert cli.main(["verify", "--steps", "1", "--json", str(out)]) == 0
     assert "36 passed, 0 failed" in capsys.readouterr().out
@@ -72,4 +123,4 @@ def test_npz_with_an_integer_leaf_is_refused(tmp_path):
     path = tmp_path / "params.npz"
     np.savez(path, w=np.ones(3, np.float32), step=np.arange(3))
     with pytest.raises(ValueError, match="leaf 'step' has dtype int64"):
-        _verify.load_params(str(path))
+        verify.load_params(str(path))

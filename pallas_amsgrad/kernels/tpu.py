@@ -7,7 +7,7 @@ concatenation, no padding, no relayout, one launch instead of one per leaf.
 
 Layers read top-down: `amsgrad_tpu_group` (views, aliases, `pallas_call`) ->
 `_group_kernel` (each leaf's (leading, rows, cols) view cut into regions of
-equal blocks) -> `_stream` (the DMA loop around `_kernel.amsgrad_kernel`, the
+equal blocks) -> `_stream` (the DMA loop around `common.amsgrad_kernel`, the
 same body as every other path).
 """
 
@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_amsgrad import _kernel
+from pallas_amsgrad import _math
+from pallas_amsgrad.kernels import common
 
 # The grid: one step per TensorCore of a megacore chip (v4, v5p), each taking
 # half of every leaf's blocks. A single-core chip runs both steps in turn.
@@ -66,8 +67,8 @@ def view_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) >= 2:
         return (math.prod(shape[:-2]), *shape[-2:])
     size = math.prod(shape)
-    if size % _kernel.LANES == 0:
-        return (1, size // _kernel.LANES, _kernel.LANES)
+    if size % common.LANES == 0:
+        return (1, size // common.LANES, common.LANES)
     return (1, 1, size)
 
 
@@ -77,7 +78,7 @@ def block_shape(
     """A block of at most `elements` in VMEM, where rows pad to a multiple
     of `ROW_MULTIPLE` and columns to 128 lanes: several whole (rows, cols)
     slices where they fit, else whole rows where 16 fit, else part rows."""
-    lanes, row_multiple = _kernel.LANES, _kernel.ROW_MULTIPLE
+    lanes, row_multiple = common.LANES, common.ROW_MULTIPLE
     padded_cols = pl.cdiv(cols, lanes) * lanes
     padded_slice = pl.cdiv(rows, row_multiple) * row_multiple * padded_cols
     if padded_slice <= elements:
@@ -110,7 +111,7 @@ def amsgrad_tpu_group(
     *,
     out_dtypes: Sequence[jnp.dtype],
     block_rows: int,
-    apply_to_params: bool,
+    operands: _math.Operands,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> list[tuple[jax.Array, ...]]:
     """One `pallas_call` for leaves sharing dtypes; outputs alias inputs.
@@ -120,7 +121,7 @@ def amsgrad_tpu_group(
       leaves: per leaf, its ([param,] grad, mu, nu, nu_max), none empty.
       out_dtypes: dtypes of (param | update, mu, nu, nu_max) written.
       block_rows: a block holds at most `block_rows * 128` elements.
-      apply_to_params: whether each leaf's inputs start with its param.
+      operands: the order of each leaf's inputs and outputs.
       interpret: `pltpu.InterpretParams` runs the kernel in Pallas' TPU
         interpreter, on any backend.
 
@@ -130,11 +131,11 @@ def amsgrad_tpu_group(
     views = [tuple(x.reshape(view_shape(x.shape)) for x in leaf) for leaf in leaves]
     aliases = {  # Operand 0 is the coefficients.
         1 + i: out
-        for i, out in _kernel.group_aliases(views, out_dtypes, apply_to_params).items()
+        for i, out in common.group_aliases(views, out_dtypes, operands).items()
     }
-    operands = sum(len(leaf) for leaf in views)
+    operand_count = sum(len(leaf) for leaf in views)
     out_shape = [
-        _kernel.out_type(leaf[0].shape, dtype, [*leaf, coefficients])
+        common.out_type(leaf[0].shape, dtype, [*leaf, coefficients])
         for leaf in views
         for dtype in out_dtypes
     ]
@@ -144,18 +145,18 @@ def amsgrad_tpu_group(
             _group_kernel,
             view_shapes=[leaf[0].shape for leaf in views],
             inputs_per_leaf=len(views[0]),
-            elements=block_rows * _kernel.LANES,
-            apply_to_params=apply_to_params,
+            elements=block_rows * common.LANES,
+            operands=operands,
         ),
         grid=(CORES,),
-        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [hbm] * operands,
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [hbm] * operand_count,
         out_specs=[hbm] * len(out_shape),
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(  # pragma: no mutate
             dimension_semantics=("parallel",)
         ),
-        cost_estimate=_kernel.cost_estimate(  # pragma: no mutate
+        cost_estimate=common.cost_estimate(  # pragma: no mutate
             sum(leaf[0].size for leaf in views), [a.dtype for a in views[0]], out_dtypes
         ),
         interpret=interpret,
@@ -172,7 +173,7 @@ def amsgrad_tpu_group(
 
 
 def _group_kernel(
-    coefficients_ref, *refs, view_shapes, inputs_per_leaf, elements, apply_to_params
+    coefficients_ref, *refs, view_shapes, inputs_per_leaf, elements, operands
 ):
     """Streams the leaves through VMEM: one DMA loop per region of each view
     shape, over every leaf of that shape, so the body is traced once per
@@ -181,11 +182,9 @@ def _group_kernel(
     outputs = refs[len(inputs) :]
     outputs_per_leaf = len(outputs) // len(view_shapes)
     body = functools.partial(
-        _kernel.amsgrad_kernel,
+        common.amsgrad_kernel,
         coefficients_ref,
-        apply_to_params=apply_to_params,
-        load=_kernel.load,
-        sqrt=jnp.sqrt,
+        operands=operands,
     )
     leaves_by_shape = {}
     for k, shape in enumerate(view_shapes):

@@ -1,12 +1,13 @@
-"""The GPU step: one kernel launch per dtype group, every leaf in place.
+"""The GPU step: a kernel launch per dtype group (of up to 16 leaves), in place.
 
-One Mosaic GPU kernel takes every leaf of a dtype group, left in GMEM: its
+One Mosaic GPU kernel takes the leaves of a dtype group, left in GMEM: its
 grid has one CUDA block per (block_rows, 128) block of every leaf, and each
 CUDA block finds its leaf from its index, copies its block in by TMA, runs
-`_kernel.amsgrad_kernel` and copies the results out. The leaves written in
+`common.amsgrad_kernel` and copies the results out. The leaves written in
 place are passed as `jax.Ref`s, which `pl.kernel` aliases to its outputs.
 
-Layers read top-down: `amsgrad_gpu_group` (views, refs, `pl.kernel`) ->
+Layers read top-down: `amsgrad_gpu_group` (launches) -> `_launch` (views,
+refs, `pl.kernel`) ->
 `_group_kernel` (SMEM buffers) -> `_blocks_of_height` (one branch per block
 height: TMA in from the block's leaf, the body, TMA out).
 """
@@ -25,9 +26,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_amsgrad import _kernel, _math
+from pallas_amsgrad import _math
+from pallas_amsgrad.kernels import common
 
 GRID_AXIS = "blocks"
+WARPGROUP_THREADS = 128
+# Leaves per launch. Mosaic GPU lowers a kernel in time that grows with the
+# square of its TMA copies, so a group of many leaves takes several launches
+# (the README gives the measured export times).
+LEAVES_PER_LAUNCH = 16
 
 
 class Segment(NamedTuple):
@@ -61,38 +68,53 @@ def amsgrad_gpu_group(
     *,
     out_dtypes: Sequence[jnp.dtype],
     block_rows: int,
-    apply_to_params: bool,
+    operands: _math.Operands,
     interpret: Any = False,
 ) -> list[tuple[jax.Array, ...]]:
-    """One Mosaic GPU kernel for leaves sharing dtypes, in place.
+    """Mosaic GPU kernels for leaves sharing dtypes, in place: one launch per
+    `LEAVES_PER_LAUNCH` leaves.
 
     Args:
-      coefficients: `_math.Coefficients` stacked in the compute dtype.
-      leaves: per leaf, its ([param,] grad, mu, nu, nu_max), none empty.
-      out_dtypes: dtypes of (param | update, mu, nu, nu_max) written.
+      coefficients: `_math.Coefficients` packed in the compute dtype.
+      leaves: per leaf, its inputs in `operands` order, none empty.
+      out_dtypes: dtypes of the outputs written, in `operands` order.
       block_rows: rows of 128 lanes per CUDA block.
-      apply_to_params: whether each leaf's inputs start with its param.
+      operands: the order of each leaf's inputs and outputs.
       interpret: Mosaic GPU interpreter parameters, to run the kernel on any
         backend. jax 0.10's interpreter does not take `jax.Ref` operands, so
         there every output is a new buffer.
 
     Returns:
-      Per leaf, (new param | update, mu, nu, nu_max) in the leaf's shape.
+      Per leaf, its outputs in the leaf's shape.
     """
+    return [
+        leaf_outputs
+        for start in range(0, len(leaves), LEAVES_PER_LAUNCH)
+        for leaf_outputs in _launch(
+            coefficients,
+            leaves[start : start + LEAVES_PER_LAUNCH],
+            out_dtypes=out_dtypes,
+            block_rows=block_rows,
+            operands=operands,
+            interpret=interpret,
+        )
+    ]
+
+
+def _launch(coefficients, leaves, *, out_dtypes, block_rows, operands, interpret):
+    """One Mosaic GPU kernel for the leaves; see `amsgrad_gpu_group`."""
     shapes = [leaf[0].shape for leaf in leaves]
-    views = [tuple(map(_kernel.as_rows, leaf)) for leaf in leaves]
+    views = [tuple(map(common.as_rows, leaf)) for leaf in leaves]
     inputs = list(itertools.chain.from_iterable(views))
     per_leaf_in, per_leaf_out = len(views[0]), len(out_dtypes)
     # {flat input: flat output} of the arrays written back in place.
-    aliases = (
-        {} if interpret else _kernel.group_aliases(views, out_dtypes, apply_to_params)
-    )
+    aliases = {} if interpret else common.group_aliases(views, out_dtypes, operands)
     in_place = {
         i: jax.new_ref(inputs[i]) for i in aliases
     }  # `pl.kernel` aliases these.
     output_of_input = {out: i for i, out in aliases.items()}
     new_outputs = [
-        _kernel.out_type(
+        common.out_type(
             views[j // per_leaf_out][0].shape,
             out_dtypes[j % per_leaf_out],
             [*views[j // per_leaf_out], coefficients],
@@ -116,7 +138,7 @@ def amsgrad_gpu_group(
             plan=plan,
             block_rows=min(block_rows, max(leaf[0].shape[0] for leaf in views)),
             per_leaf=(per_leaf_in, per_leaf_out),
-            apply_to_params=apply_to_params,
+            operands=operands,
             interpret=bool(interpret),
         )
 
@@ -126,7 +148,7 @@ def amsgrad_gpu_group(
         mesh=plgpu.Mesh(grid=(sum(s.blocks for s in plan),), grid_names=(GRID_AXIS,)),
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret,
-        cost_estimate=_kernel.cost_estimate(  # pragma: no mutate
+        cost_estimate=common.cost_estimate(  # pragma: no mutate
             sum(math.prod(s) for s in shapes),
             [a.dtype for a in views[0]],
             out_dtypes,
@@ -142,7 +164,7 @@ def amsgrad_gpu_group(
     ]
     return [
         tuple(
-            _kernel.from_rows(out, shape)
+            common.from_rows(out, shape)
             for out in flat[per_leaf_out * k : per_leaf_out * (k + 1)]
         )
         for k, shape in enumerate(shapes)
@@ -157,18 +179,18 @@ def _group_kernel(
     plan,
     block_rows,
     per_leaf,
-    apply_to_params,
+    operands,
     interpret,
 ):
     """Runs the one segment this CUDA block belongs to."""
     per_leaf_in, per_leaf_out = per_leaf
     block = jax.lax.axis_index(GRID_AXIS)
     body = functools.partial(
-        _kernel.amsgrad_kernel,
+        common.amsgrad_kernel,
         coefficients_ref,
-        apply_to_params=apply_to_params,
+        operands=operands,
         # jax 0.10's Mosaic GPU interpreter has no `plgpu.load`.
-        load=_kernel.load if interpret else _kernel.gpu_load,
+        load=common.load if interpret else _load,
         sqrt=_math.sqrt_via_rsqrt,
     )
 
@@ -191,7 +213,7 @@ def _group_kernel(
                 barriers,
             )
 
-    lanes = _kernel.LANES
+    lanes = common.LANES
     pl.run_scoped(
         scoped,
         [plgpu.SMEM((block_rows, lanes), r.dtype) for r in in_refs[:per_leaf_in]],
@@ -238,3 +260,18 @@ def _copy_out_if(condition, buffers, outputs, rows):
     def _():
         for buf, ref in zip(buffers, outputs, strict=True):
             plgpu.copy_smem_to_gmem(buf, ref.at[rows])
+
+
+def _load(ref):
+    """Loads every block in one register layout, whatever its dtype.
+
+    Mosaic GPU picks a layout per dtype by default, and cannot then add a
+    bfloat16 parameter widened to float32 to a float32 update. The layout
+    spreads the block over a warpgroup's 128 threads, `vec_size` elements
+    each, so it must divide: a block of one row (a leaf of up to 128
+    elements) or an odd number of rows takes one element per thread.
+    """
+    rows, lanes = ref.shape
+    vec_size = 2 if rows * lanes % (2 * WARPGROUP_THREADS) == 0 else 1
+    layout = plgpu.Layout.WG_STRIDED(ref.shape, vec_size=vec_size)
+    return plgpu.load(ref, (), layout=layout)

@@ -6,42 +6,36 @@ import argparse
 import json
 import sys
 
+from pallas_amsgrad.tools import workloads
+
 
 def _verify(args) -> int:
-    from pallas_amsgrad import _verify
+    from pallas_amsgrad.tools import verify
 
     if args.params:
-        params, source = _verify.load_params(args.params), args.params
+        params, source = verify.load_params(args.params), args.params
     else:
-        params, source = _verify.default_params(), "embedded two-layer transformer"
-    rows = _verify.verify(
-        params=params, steps=args.steps, learning_rate=args.learning_rate
-    )
-    run = _verify.report(
-        rows,
-        params=params,
-        source=source,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
+        params = verify.default_params()
+        source = f"embedded {verify.DEFAULT_MODEL}"
+    run = verify.run_command(
+        params, source, args.steps, args.learning_rate, stream=args.json != "-"
     )
     if args.json == "-":
         json.dump(run, sys.stdout, indent=2)
         print()
-    else:
-        print(_verify.format_table(run))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(run, f, indent=2)
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(run, f, indent=2)
     return 0 if run["failed"] == 0 else 1
 
 
 def _bench(args, parser) -> int:
-    from pallas_amsgrad import _bench
+    from pallas_amsgrad.tools.bench import contenders, measure, report
 
     try:
-        workloads = _bench.parse_workloads(
-            _bench.DEFAULT_SIZES if args.sizes is None else args.sizes,
-            _bench.DEFAULT_MODELS if args.models is None else args.models,
+        chosen = workloads.parse_workloads(
+            workloads.BENCH_SIZES if args.sizes is None else args.sizes,
+            workloads.BENCH_MODELS if args.models is None else args.models,
         )
     except ValueError as error:
         parser.error(str(error))
@@ -59,7 +53,7 @@ def _bench(args, parser) -> int:
             baseline = json.load(f)
         if "cases" not in baseline or "config" not in baseline:
             parser.error(f"{args.compare} is not a `pallas-amsgrad bench` JSON file")
-    config = _bench.Config(dtype=args.dtype, mu_dtype=args.mu_dtype)
+    config = contenders.Config(dtype=args.dtype, mu_dtype=args.mu_dtype)
     if baseline is not None:
         theirs = (baseline["config"]["dtype"], baseline["config"]["mu_dtype"])
         if theirs != (config.dtype, config.mu_dtype):
@@ -67,20 +61,23 @@ def _bench(args, parser) -> int:
                 f"{args.compare} measured dtype, mu_dtype = {theirs}; this run "
                 f"{(config.dtype, config.mu_dtype)}: pass the same --dtype/--mu-dtype"
             )
-    cases = _bench.measure(
-        workloads, _bench.contenders(with_torch=not args.no_torch), config, args.rounds
+    cases = measure.measure(
+        chosen,
+        contenders.contenders(with_torch=not args.no_torch),
+        config,
+        args.rounds,
     )
-    run = _bench.report(cases, config, args.rounds)
-    print(_bench.format_table(run))
+    run = report.report(cases, config, args.rounds)
+    print(report.format_table(run))
     with open(args.json, "w") as f:
         json.dump(run, f, indent=2)
     print(f"wrote {args.json}")
     if args.png:
-        _bench.plot(run, args.png)
+        report.plot(run, args.png)
         print(f"wrote {args.png}")
     if baseline is None:
         return 0
-    lines, regressed = _bench.compare(run, baseline, args.tolerance)
+    lines, regressed = report.compare(run, baseline, args.tolerance)
     print(f"against {args.compare} (tolerance {args.tolerance:.0%}):")
     print("\n".join(lines))
     return 1 if regressed else 0
@@ -122,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument(
         "--sizes",
-        help="flat single-leaf workloads, comma-separated (default 1M,4M,16M; "
-        "e.g. 1M,64M; '' for none)",
+        help="flat single-leaf workloads, comma-separated (default "
+        f"{workloads.BENCH_SIZES}; e.g. 1M,64M; '' for none)",
     )
     bench.add_argument(
         "--models",
-        help="model-shaped workloads, comma-separated (default gpt2-small,"
-        "llama-small; '' for none)",
+        help="model-shaped workloads, comma-separated (default "
+        f"{workloads.BENCH_MODELS}; also transformer-tiny; '' for none)",
     )
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     bench.add_argument(

@@ -1,0 +1,199 @@
+"""What every Pallas kernel shares: the body, block sizes, views, aliases, cost.
+
+The body `amsgrad_kernel` loads a block of each operand, runs
+`_math.amsgrad_block` in the compute dtype and stores the results; the TPU,
+GPU and interpreted kernels differ only in how blocks reach it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_amsgrad import _math
+
+LANES = 128
+# Rows of a block must tile bfloat16/float16 on TPU (16 sublanes when packed).
+ROW_MULTIPLE = 16
+# Mosaic TPU's default scoped VMEM limit on v5e (the smallest of v4/v5e/v5p/v6e).
+TPU_VMEM_BYTES = 16 * 1024 * 1024
+# Dynamic shared memory per block on H100/H200, as Mosaic GPU checks it.
+GPU_SMEM_BYTES = 232448
+# Flops per element of `_math.amsgrad_block` plus the param add (counted by hand).
+FLOPS_PER_ELEMENT = 15
+
+COMPILED_PLATFORMS = ("tpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:  # pragma: no mutate block
+    """Rows of 128 lanes per grid step. Frozen, so it can be a static jit arg."""
+
+    block_rows: int
+
+    def __post_init__(self):
+        if (
+            not isinstance(self.block_rows, int)
+            or self.block_rows <= 0
+            or self.block_rows % ROW_MULTIPLE
+        ):
+            raise ValueError(
+                f"block_rows={self.block_rows!r} must be a positive multiple of "
+                f"{ROW_MULTIPLE}"
+            )
+
+    @classmethod
+    def get_default(cls, platform: str) -> BlockSizes:
+        """Defaults per target, each fitting its on-chip memory for any dtypes.
+
+        tpu: 1024 x 128 (512 KiB per float32 array; 9 MiB double-buffered).
+        cuda: 16 x 128 (8 KiB per float32 array; 72 KiB of the 227 KiB of
+          shared memory, so three blocks fit on one SM).
+        anything else runs Pallas' interpreter, whose cost grows with grid
+          steps times array size: one block per leaf up to 8M elements.
+        """
+        block_rows = {"tpu": 1024, "cuda": 16}.get(platform, 1 << 16)
+        return cls(block_rows=block_rows)
+
+
+def on_chip_bytes(
+    block_rows: int, dtypes: Sequence[jnp.dtype], platform: str
+) -> int:  # pragma: no mutate block
+    """On-chip bytes the kernel's blocks take on `platform` (all in/out blocks)."""
+    per_row = LANES * sum(jnp.dtype(d).itemsize for d in dtypes)
+    # Mosaic TPU double-buffers every block; Mosaic GPU holds one of each.
+    buffers = 2 if platform == "tpu" else 1
+    return buffers * block_rows * per_row
+
+
+def check_fits(
+    block_sizes: BlockSizes, dtypes: Sequence[jnp.dtype], platform: str
+):  # pragma: no mutate block
+    """Raises if the blocks overflow VMEM (tpu) or shared memory (cuda)."""
+    limit = {"tpu": TPU_VMEM_BYTES, "cuda": GPU_SMEM_BYTES}.get(platform)
+    needed = on_chip_bytes(block_sizes.block_rows, dtypes, platform)
+    if limit is not None and needed > limit:
+        raise ValueError(
+            f"{block_sizes} needs {needed} bytes of on-chip memory on {platform}, "
+            f"more than its {limit}; use fewer block_rows"
+        )
+
+
+def as_rows(x: jax.Array) -> jax.Array:
+    """A (rows, 128) view: free when the size divides into 128 lanes; else
+    the leaf is padded with zeros (a copy), which compute to zeros."""
+    flat = x.reshape(-1)
+    if padding := -flat.size % LANES:
+        flat = jnp.pad(flat, (0, padding))
+    return flat.reshape(-1, LANES)
+
+
+def from_rows(rows: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """The leaf back from its `as_rows` view, any padding cut off."""
+    size = math.prod(shape)
+    flat = rows.reshape(-1)
+    # No slice when nothing was padded: it would stay in the exported program.
+    return (flat[:size] if flat.size != size else flat).reshape(shape)
+
+
+def out_type(shape, dtype, like: Sequence[jax.Array]) -> jax.ShapeDtypeStruct:
+    """An output's type, varying over every mesh axis that `like` varies over.
+
+    Inside a `shard_map` that checks how values vary over its axes
+    (`check_vma=True`), a kernel's outputs must declare it; elsewhere the set
+    is empty.
+    """
+    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in like))
+    return jax.ShapeDtypeStruct(
+        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
+    )
+
+
+def aliased_outputs(
+    inputs: Sequence[jax.Array],
+    out_dtypes: Sequence[jnp.dtype],
+    operands: _math.Operands,
+) -> dict[int, int]:
+    """{input position: output position} for the arrays updated in place.
+
+    Each input the step replaces is aliased to its output where their dtypes
+    are equal; e.g. a mu promoted from bfloat16 to float32 is written to a new
+    buffer.
+    """
+    return {
+        k: out
+        for k, out in operands.written_back().items()
+        if inputs[k].dtype == out_dtypes[out]
+    }
+
+
+def group_aliases(
+    leaves: Sequence[Sequence[jax.Array]],
+    out_dtypes: Sequence[jnp.dtype],
+    operands: _math.Operands,
+) -> dict[int, int]:
+    """`aliased_outputs` for a group: {flat input: flat output}, where the
+    inputs are every leaf's in turn and the outputs every leaf's in turn."""
+    return {
+        len(leaf) * k + position: len(out_dtypes) * k + out
+        for k, leaf in enumerate(leaves)
+        for position, out in aliased_outputs(leaf, out_dtypes, operands).items()
+    }
+
+
+# A scheduling hint, left out of mutation testing: results do not depend on it.
+def cost_estimate(
+    elements: int, in_dtypes: Sequence[jnp.dtype], out_dtypes: Sequence[jnp.dtype]
+) -> pl.CostEstimate:  # pragma: no mutate block
+    """What a call costs, for XLA's scheduler: every array read or written
+    once, FLOPS_PER_ELEMENT flops and one sqrt per element."""
+    bytes_per_element = sum(np.dtype(d).itemsize for d in (*in_dtypes, *out_dtypes))
+    return pl.CostEstimate(
+        flops=FLOPS_PER_ELEMENT * elements,
+        transcendentals=elements,
+        bytes_accessed=bytes_per_element * elements,
+    )
+
+
+def load(ref):
+    return ref[...]
+
+
+def amsgrad_kernel(
+    coefficients_ref,
+    *refs,
+    operands: _math.Operands,
+    load: Callable = load,
+    sqrt: Callable = jnp.sqrt,
+):
+    """The body: load blocks, run `amsgrad_block` in the compute dtype, store.
+
+    `refs` are a leaf's input blocks in `operands` order, then its output
+    blocks.
+    """
+    param_ref, grad_ref, mu_ref, nu_ref, nu_max_ref = operands.split(
+        refs[: len(operands.inputs)]
+    )
+    first_out_ref, *moment_out_refs = refs[len(operands.inputs) :]
+    dtype = coefficients_ref.dtype
+    # jnp.asarray(x, dtype), not x.astype(dtype): with dtype None the first
+    # keeps the block's own dtype where the second takes jnp's default float.
+    update, *moments = _math.amsgrad_block(
+        *(
+            jnp.asarray(load(ref), dtype)
+            for ref in (grad_ref, mu_ref, nu_ref, nu_max_ref)
+        ),
+        _math.Coefficients.unpack(coefficients_ref),
+        sqrt=sqrt,
+    )
+    if param_ref is not None:
+        update = jnp.asarray(load(param_ref), dtype) + update
+    first_out_ref[...] = update.astype(first_out_ref.dtype)
+    for out_ref, value in zip(moment_out_refs, moments, strict=True):
+        out_ref[...] = value.astype(out_ref.dtype)

@@ -1,0 +1,103 @@
+"""The Pallas kernel's choice of platform: which kernel runs a dtype group.
+
+TPU takes the whole group in one launch (`tpu`), GPU one launch per
+`gpu.LEAVES_PER_LAUNCH` leaves (`gpu`), and anything else, or any group with
+a 64-bit array (no Mosaic kernel takes float64), Pallas' generic interpreter
+(`interpret`). The choice is made at lowering (`lax.platform_dependent`), so
+`jax.export(..., platforms=["tpu"])` from a CPU host gets the TPU kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_amsgrad import _math
+from pallas_amsgrad.kernels import common, gpu, interpret, tpu
+
+_GROUP_KERNELS = {
+    "tpu": tpu.amsgrad_tpu_group,
+    "cuda": gpu.amsgrad_gpu_group,
+}
+
+
+def amsgrad_pallas_group(
+    coefficients: jax.Array,
+    leaves: Sequence[Sequence[jax.Array]],
+    *,
+    out_dtypes: Sequence[jnp.dtype],
+    operands: _math.Operands,
+    block_sizes: common.BlockSizes | None = None,
+    interpret_params: Any = None,
+) -> list[tuple[jax.Array, ...]]:
+    """Fused AMSGrad on leaves of any shapes that share their dtypes.
+
+    Args:
+      coefficients: `_math.Coefficients` packed in the compute dtype.
+      leaves: per leaf, its inputs in `operands` order, each of one shape; the
+        dtypes of each position are the same for every leaf.
+      out_dtypes: dtypes of the outputs written, in `operands` order.
+      operands: the order of each leaf's inputs and outputs.
+      block_sizes: overrides every platform's default.
+      interpret_params: a `pltpu.InterpretParams` runs the TPU kernel (its
+        blocks, DMAs, SMEM scalars and two cores) in Pallas' TPU interpreter
+        on any backend; a Mosaic GPU `InterpretGPUParams` likewise the GPU
+        kernel (its grid, TMA copies and barriers). For testing without the
+        device.
+
+    Returns:
+      Per leaf, its outputs in the leaf's shape.
+    """
+    results = [
+        tuple(jnp.zeros(leaf[0].shape, d) for d in out_dtypes) for leaf in leaves
+    ]
+    nonempty = [k for k, leaf in enumerate(leaves) if leaf[0].size]
+    if not nonempty:
+        return results
+    all_dtypes = [x.dtype for x in leaves[0]] + list(out_dtypes)
+    arity = len(leaves[0])
+
+    def branch(platform, interpret_as=False):
+        sizes = block_sizes or common.BlockSizes.get_default(platform)
+        if platform in common.COMPILED_PLATFORMS:
+            common.check_fits(sizes, all_dtypes, platform)
+        group_kernel = _GROUP_KERNELS.get(platform)
+
+        def run(coefficients, *flat):
+            grouped = [flat[i : i + arity] for i in range(0, len(flat), arity)]
+            options = dict(
+                out_dtypes=tuple(out_dtypes),
+                block_rows=sizes.block_rows,
+                operands=operands,
+            )
+            if group_kernel is None:
+                return interpret.amsgrad_interpreted_group(
+                    coefficients, grouped, **options
+                )
+            return group_kernel(
+                coefficients, grouped, interpret=interpret_as, **options
+            )
+
+        return run
+
+    args = [coefficients, *(x for k in nonempty for x in leaves[k])]
+    if interpret_params is not None:
+        platform = (
+            "tpu" if isinstance(interpret_params, pltpu.InterpretParams) else "cuda"
+        )
+        outputs = branch(platform, interpret_params)(*args)
+    elif any(jnp.dtype(d).itemsize == 8 for d in all_dtypes):
+        outputs = branch("interpret")(*args)
+    else:
+        outputs = jax.lax.platform_dependent(
+            *args,
+            default=branch("interpret"),
+            **{p: branch(p) for p in common.COMPILED_PLATFORMS},
+        )
+    for k, leaf_outputs in zip(nonempty, outputs, strict=True):
+        results[k] = tuple(leaf_outputs)
+    return results

@@ -1,0 +1,223 @@
+"""The contenders of `pallas-amsgrad bench`: each builds a closure that runs
+one optimizer step on a workload and blocks until its outputs are ready.
+
+The roofline is a contender too: a streaming pass over the same leaves that
+reads and writes exactly what a fused step must, with trivial arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import pallas_amsgrad
+from pallas_amsgrad import _implementations
+from pallas_amsgrad.tools.workloads import Shapes
+
+LEARNING_RATE = 1e-3
+ROOFLINE = "roofline"
+
+
+def min_bytes_per_param(dtype, mu_dtype, job: str) -> int:
+    """The least a `job` must read and write per parameter.
+
+    step: read param, grad, mu, nu, nu_max; write param, mu, nu, nu_max.
+    update: read grad, mu, nu, nu_max; write update, mu, nu, nu_max.
+    update+apply: update, then read param and update and write param again.
+    """
+    p = jnp.dtype(dtype).itemsize
+    m = jnp.dtype(mu_dtype or dtype).itemsize
+    update_dtype = jnp.result_type(dtype, mu_dtype or dtype)
+    u = jnp.dtype(update_dtype).itemsize
+    moments = 2 * (m + 2 * p)  # mu, nu, nu_max read and written.
+    if job == "step":
+        return p + p + p + moments  # grad read, param read and written.
+    if job == "update":
+        return p + u + moments
+    if job == "update+apply":
+        return p + u + moments + p + u + p
+    raise ValueError(f"unknown job {job!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dtype: str = "float32"
+    mu_dtype: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    name: str
+    job: str  # What one call does: "step" or "update" (see min_bytes_per_param).
+    build: Callable[[Shapes, Config], Callable[[], None]]
+
+
+def _random_tree(shapes: Shapes, dtype, seed: int, scale: float):
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+
+    @jax.jit
+    def make(keys):
+        return {
+            name: (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+            for k, (name, shape) in zip(keys, shapes.items(), strict=True)
+        }
+
+    return make(keys)
+
+
+def _inputs(shapes: Shapes, config: Config):
+    params = _random_tree(shapes, config.dtype, 0, 0.02)
+    grads = _random_tree(shapes, config.dtype, 1, 0.01)
+    return params, grads
+
+
+def _carry_step(fn, donate: bool, shapes, config, optimizer):
+    """Runs `fn(grads, state, params) -> (params, state)`, feeding outputs back.
+
+    Jitted as a training step, `(params, state, grads) -> (params, state)`:
+    jax pairs donated inputs with same-typed outputs in order, so this order
+    gives each donated buffer back to its own array. `jit(fn,
+    donate_argnums=(1, 2))` would pair state.mu with the new params, and XLA
+    would copy to honour it.
+    """
+    params, grads = _inputs(shapes, config)
+    state = jax.jit(optimizer.init)(params)
+
+    def train_step(params, state, grads):
+        return fn(grads, state, params)
+
+    jitted = jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+    carry = [params, state]
+
+    def run():
+        carry[0], carry[1] = jitted(carry[0], carry[1], grads)
+        jax.block_until_ready(carry)
+
+    return run
+
+
+def _ours(config):
+    """This package's optimizer with its default implementation here."""
+    return pallas_amsgrad.amsgrad(LEARNING_RATE, mu_dtype=config.mu_dtype)
+
+
+def _our_step(donate: bool):
+    def build(shapes, config):
+        opt = _ours(config)
+        return _carry_step(opt.step, donate, shapes, config, opt)
+
+    return build
+
+
+def _our_update(shapes, config):
+    opt = _ours(config)
+
+    def update_only(state, grads):
+        updates, state = opt.update(grads, state)
+        return state, updates
+
+    params, grads = _inputs(shapes, config)
+    state = jax.jit(opt.init)(params)
+    jitted = jax.jit(update_only, donate_argnums=0)
+    carry = [state]
+
+    def run():
+        carry[0], updates = jitted(carry[0], grads)
+        jax.block_until_ready((updates, carry[0]))
+
+    return run
+
+
+def _optax_step(donate: bool):
+    def build(shapes, config):
+        opt = optax.amsgrad(LEARNING_RATE, mu_dtype=config.mu_dtype)
+
+        def step(grads, state, params):
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        return _carry_step(step, donate, shapes, config, opt)
+
+    return build
+
+
+def roofline_pass(shapes, config):
+    """The same leaves and bytes as a fused step, with trivial arithmetic."""
+    params, grads = _inputs(shapes, config)
+    mu_dtype = config.mu_dtype or config.dtype
+    moments = [
+        jax.tree.map(lambda p, d=d: jnp.zeros_like(p, dtype=d), params)
+        for d in (mu_dtype, config.dtype, config.dtype)
+    ]
+
+    def stream(params, moments, grads):
+        def leaf(g, p, m, n, v):
+            return p + g, m + g.astype(m.dtype), n + g, jnp.maximum(v, g)
+
+        out = jax.tree.map(leaf, grads, params, *moments)
+        new_params, *new_moments = (
+            jax.tree.map(
+                lambda o, i=i: o[i], out, is_leaf=lambda x: isinstance(x, tuple)
+            )
+            for i in range(4)
+        )
+        return new_params, new_moments
+
+    jitted = jax.jit(stream, donate_argnums=(0, 1))
+    carry = [params, moments]
+
+    def run():
+        carry[0], carry[1] = jitted(carry[0], carry[1], grads)
+        jax.block_until_ready(carry)
+
+    return run
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torch_fused(shapes, config):
+    import torch
+
+    if config.mu_dtype not in (None, config.dtype):
+        raise ValueError("torch keeps mu in the parameter dtype")
+    dtype = getattr(torch, config.dtype)
+    generator = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(0.02 * torch.randn(s, generator=generator).to(dtype))
+        for s in shapes.values()
+    ]
+    for p in params:
+        p.grad = (0.01 * torch.randn(p.shape, generator=generator)).to(dtype)
+    opt = torch.optim.Adam(params, lr=LEARNING_RATE, amsgrad=True, fused=True)
+    return opt.step
+
+
+def contenders(with_torch: bool) -> list[Contender]:
+    """The roofline first, then this package, optax and (optionally) torch."""
+    ours = _implementations.for_backend(jax.default_backend()).name
+    chosen = [
+        Contender(ROOFLINE, "step", roofline_pass),
+        Contender(f"step [{ours}] donated", "step", _our_step(True)),
+        Contender(f"step [{ours}]", "step", _our_step(False)),
+        Contender(f"update [{ours}] donated", "update", _our_update),
+        Contender("optax+apply donated", "step", _optax_step(True)),
+        Contender("optax+apply", "step", _optax_step(False)),
+    ]
+    if with_torch and torch_available():
+        import torch
+
+        threads = torch.get_num_threads()
+        chosen.append(
+            Contender(f"torch fused ({threads} threads)", "step", _torch_fused)
+        )
+    return chosen

@@ -1,0 +1,134 @@
+"""Reports of `pallas-amsgrad bench`: JSON, the table, the plot, and the
+comparison with a baseline run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pallas_amsgrad.tools.bench.contenders import (
+    LEARNING_RATE,
+    ROOFLINE,
+    Config,
+    min_bytes_per_param,
+)
+from pallas_amsgrad.tools.bench.measure import Case, format_ms
+from pallas_amsgrad.tools.environment import environment
+
+
+def report(cases: list[Case], config: Config, rounds: int) -> dict:
+    return {
+        "environment": environment(),
+        "config": {
+            "dtype": config.dtype,
+            "mu_dtype": config.mu_dtype,
+            "rounds": rounds,
+            "learning_rate": LEARNING_RATE,
+            "timing": "median of `rounds` calls after one warm-up call; each call "
+            "alternates with a roofline call, and of_roofline is the median of "
+            "the per-round ratios",
+            "bytes_per_param": {
+                job: min_bytes_per_param(config.dtype, config.mu_dtype, job)
+                for job in ("step", "update", "update+apply")
+            },
+        },
+        "cases": [dataclasses.asdict(c) for c in cases],
+    }
+
+
+def format_table(run: dict) -> str:
+    env, config = run["environment"], run["config"]
+    header = (
+        f"{'workload':<12} {'params':>7} {'leaves':>6}  {'contender':<28} "
+        f"{'median':>12} {'GB/s':>7} {'of roofline':>11}"
+    )
+    lines = [
+        f"pallas-amsgrad bench on {env['backend']} ({env['devices']}; {env['cpu']}), "
+        f"jax {env['jax']}, optax {env['optax']}, torch {env['torch']}",
+        f"params {config['dtype']}, mu_dtype {config['mu_dtype'] or 'param'}; "
+        f"minimum bytes/param: {config['bytes_per_param']}; "
+        f"median of {config['rounds']} calls",
+        header,
+        "-" * len(header),
+    ]
+    for c in run["cases"]:
+        lines.append(
+            f"{c['workload']:<12} {_millions(c['parameters']):>7} {c['leaves']:>6}  "
+            f"{c['contender']:<28} {format_ms(c['median_s'])} {c['gb_per_s']:>7.2f} "
+            f"{c['of_roofline']:>10.0%}  {c['note']}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def compare(run: dict, baseline: dict, tolerance: float) -> tuple[list[str], bool]:
+    """Lines describing each case against the baseline, and whether any regressed.
+
+    A case regresses when its fraction of the roofline falls below the
+    baseline's by more than `tolerance` (relative): a ratio to a roofline
+    measured in the same run, so a busier or slower machine moves both.
+    """
+    before = {(c["workload"], c["contender"]): c for c in baseline["cases"]}
+    lines, regressed = [], False
+    for case in run["cases"]:
+        key = (case["workload"], case["contender"])
+        if case["contender"] == ROOFLINE or key not in before:
+            continue
+        old, new = before[key]["of_roofline"], case["of_roofline"]
+        if not (old == old and new == new):  # A skipped case on either side.
+            continue
+        change = new / old - 1
+        slower = change < -tolerance
+        regressed |= slower
+        lines.append(
+            f"{'REGRESSION' if slower else 'ok':<10} {key[0]:<12} {key[1]:<28} "
+            f"{old:6.0%} -> {new:6.0%} of roofline ({change:+.0%})"
+        )
+    missing = sorted(
+        set(before) - {(c["workload"], c["contender"]) for c in run["cases"]}
+    )
+    not_run: dict[str, list[str]] = {}
+    for workload, contender in missing:
+        if contender != ROOFLINE:
+            not_run.setdefault(workload, []).append(contender)
+    for workload, names in not_run.items():  # One line per workload.
+        lines.append(f"{'not run':<10} {workload:<12} {', '.join(names)}")
+    return lines, regressed
+
+
+def plot(run: dict, path: str) -> None:
+    """Step time and fraction of roofline against parameter count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (times, fractions) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_contender: dict[str, list[dict]] = {}
+    for c in run["cases"]:
+        if c["median_s"] == c["median_s"]:
+            by_contender.setdefault(c["contender"], []).append(c)
+    for name, cases in by_contender.items():
+        cases.sort(key=lambda c: c["parameters"])
+        x = [c["parameters"] for c in cases]
+        style = "k--" if name == ROOFLINE else "o-"
+        times.plot(x, [c["median_s"] * 1e3 for c in cases], style, label=name)
+        fractions.plot(x, [c["of_roofline"] for c in cases], style, label=name)
+    env, config = run["environment"], run["config"]
+    for axes, label in ((times, "step time (ms)"), (fractions, "fraction of roofline")):
+        axes.set_xscale("log")
+        axes.set_xlabel("parameters")
+        axes.set_ylabel(label)
+        axes.grid(True, which="both", alpha=0.3)
+    times.set_yscale("log")
+    fractions.legend(fontsize=8)
+    figure.suptitle(
+        f"AMSGrad step, {config['dtype']} params, mu {config['mu_dtype'] or 'param'}"
+        f" - {env['backend']} ({env['devices']}; {env['cpu']})",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,397 @@
+"""`pallas-amsgrad verify`: kernel, XLA path, spec and optax, side by side.
+
+Every configuration of param dtype x mu_dtype runs N steps (one with a zero
+gradient) on a model-shaped pytree. Each step starts every contender from the
+same state and is compared with the spec, in ULPs of the output dtype counted
+at the magnitude of the summands (`pallas_amsgrad.tools.ulps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import amsgrad_spec as spec
+import pallas_amsgrad
+from pallas_amsgrad.tools import ulps, workloads
+from pallas_amsgrad.tools.environment import environment
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+MU_DTYPES = (None, "bfloat16", "float16", "float32")
+DEFAULT_MODEL = "transformer-tiny"
+
+# optax rounds intermediates to the narrowest dtype of the configuration (e.g.
+# b1 * mu in a bfloat16 mu), so its error is counted in that dtype's ULPs; in
+# float32 it is held to the deployed implementations' bound.
+OPTAX_ULPS = ulps.DEPLOYED_IMPLEMENTATION_ULPS | ulps.SPEC_VS_OPTAX_ULPS
+
+# Gradients: N(0, 0.01), as a trained model's are. With float16 params,
+# optax's (1-b2) g**2 of such gradients is subnormal in float16 and would be
+# left out of the comparison: those rows draw magnitudes from [0.5, 4]
+# instead (random signs), where it stays in float16's normal range.
+GRADIENT_STD = 0.01
+FLOAT16_GRADIENT_MAGNITUDES = (0.5, 4.0)
+
+
+def default_params(seed: int = 0) -> dict[str, np.ndarray]:
+    """`transformer-tiny`'s leaves, N(0, 0.05) in float32."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.normal(0, 0.05, shape).astype(np.float32)
+        for name, shape in workloads.MODELS[DEFAULT_MODEL]().items()
+    }
+
+
+def load_params(path: str) -> dict[str, np.ndarray]:
+    """A user's parameters from an .npz file: one floating array per leaf."""
+    with np.load(path, allow_pickle=False) as archive:
+        params = {name: archive[name] for name in archive.files}
+    if not params:
+        raise ValueError(f"{path}: no arrays in the file")
+    for name, array in params.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(
+                f"{path}: leaf {name!r} has dtype {array.dtype}; parameters must "
+                "be floating point"
+            )
+    return params
+
+
+@dataclasses.dataclass
+class Row:
+    """One contender on one configuration, compared with the spec."""
+
+    params: str
+    mu_dtype: str
+    contender: str
+    max_ulps: float
+    ulp_dtype: str  # The dtype whose ULPs `max_ulps` counts.
+    bound: int
+    passed: bool  # Within the bound, with at least one value compared.
+    compared: int = 0  # Output values compared with the spec.
+    left_out: int = 0  # optax values out of float16's range, not compared.
+    note: str = ""
+
+
+def _out_of_float16_range(magnitude_state, float16_params, float16_mu):
+    """Masks of outputs where optax, and not the spec, leaves float16's range.
+
+    With float16 params optax's (1-b2) g**2 can go subnormal (and its eps=1e-8
+    is 0, so a zero gradient gives 0/0); with a float16 mu, its b1 * mu can.
+    Either loses the relative precision the spec keeps. Masks are shaped like
+    (updates, (mu, nu, nu_max)).
+    """
+    tiny = float(jnp.finfo(jnp.float16).smallest_normal)
+
+    def mask(mu, nu):
+        lost = np.zeros(np.shape(nu), bool)
+        if float16_params:
+            lost |= np.asarray(nu, np.float64) < tiny
+        if float16_mu:
+            lost |= np.asarray(mu, np.float64) < tiny
+        return lost
+
+    lost = jax.tree.map(mask, magnitude_state.mu, magnitude_state.nu)
+    return lost, (lost, lost, lost)
+
+
+@dataclasses.dataclass
+class _Worst:
+    """The largest error over a configuration's steps, and what was compared."""
+
+    ulps: float = 0.0
+    dtype: str = "float32"  # The dtype whose ULPs `ulps` counts.
+    compared: int = 0
+    left_out: int = 0
+
+    def add(
+        self,
+        actual_tree,
+        expected_tree,
+        scale_tree,
+        dtype=None,
+        excluded_tree=None,
+        drop_non_finite=False,
+    ) -> None:
+        """Adds one step's outputs.
+
+        `dtype` counts ULPs of that dtype instead of each output's own.
+        `excluded_tree` (bool masks like the outputs) marks elements where the
+        contender is known to have lost the value (optax leaving float16's
+        range), and `drop_non_finite` its NaN/inf against a finite spec value
+        (optax's float16 eps is 0): those are left out rather than errors.
+        """
+        leaves = [jax.tree.leaves(t) for t in (actual_tree, expected_tree, scale_tree)]
+        excluded = (
+            [None] * len(leaves[0])
+            if excluded_tree is None
+            else jax.tree.leaves(excluded_tree)
+        )
+        for a, e, s, out in zip(*leaves, excluded, strict=True):
+            if a.dtype != e.dtype:
+                raise AssertionError(f"dtype {a.dtype} != spec's {e.dtype}")
+            a64, e64 = np.asarray(a, np.float64), np.asarray(e, np.float64)
+            drop = np.zeros(a64.shape, bool)
+            if out is not None:
+                drop = drop | np.asarray(out)
+            if drop_non_finite:
+                drop = drop | (~np.isfinite(a64) & np.isfinite(e64))
+            keep = ~np.broadcast_to(drop, a64.shape)
+            self.left_out += int(a64.size - keep.sum())
+            self.compared += int(keep.sum())
+            if not keep.any():
+                continue
+            scale = np.broadcast_to(np.asarray(s, np.float64), keep.shape)[keep]
+            error = ulps.scaled_ulp_error(
+                a64[keep], e64[keep], scale, dtype or a.dtype
+            ).max()
+            if error >= self.ulps:
+                self.ulps, self.dtype = float(error), jnp.dtype(dtype or a.dtype).name
+
+
+def _gradients(typed_params, param_dtype, rng, zero):
+    def draw(p):
+        if param_dtype == "float16":
+            low, high = np.log(FLOAT16_GRADIENT_MAGNITUDES)
+            magnitude = np.exp(rng.uniform(low, high, p.shape))
+            g = magnitude * rng.choice([-1.0, 1.0], p.shape)
+        else:
+            g = rng.normal(0, GRADIENT_STD, p.shape)
+        return jnp.asarray(g * (not zero), p.dtype)
+
+    return jax.tree.map(draw, typed_params)
+
+
+def verify(
+    params=None,
+    steps: int = 3,
+    learning_rate: float = 1e-3,
+    implementations: Sequence = ("pallas", "xla"),
+    on_row: Callable[[Row], None] | None = None,
+    progress: TextIO | None = None,
+) -> list[Row]:
+    """Runs the comparison grid; returns one row per configuration and contender.
+
+    `implementations` are names or implementation objects (each row is named
+    by the object's `name`).
+
+    `on_row` is called with each row as its configuration finishes;
+    `progress` (e.g. sys.stderr) gets a line as each configuration starts.
+    """
+    params = default_params() if params is None else params
+    spec_update = jax.jit(spec.update, static_argnums=2)
+    spec_step = jax.jit(spec.step, static_argnums=3)
+    rows = []
+    configurations = list(itertools.product(PARAM_DTYPES, MU_DTYPES))
+    start = time.perf_counter()
+    for number, (param_dtype, mu_name) in enumerate(configurations, 1):
+        if progress is not None:
+            print(
+                f"[{number}/{len(configurations)}] {param_dtype} params, mu_dtype "
+                f"{mu_name or 'param'}; {time.perf_counter() - start:.1f} s elapsed",
+                file=progress,
+                flush=True,
+            )
+        mu_dtype = None if mu_name is None else jnp.dtype(mu_name)
+        typed = jax.tree.map(lambda p, d=param_dtype: jnp.asarray(p, d), params)
+        hp = spec.Hyperparams(learning_rate, mu_dtype=mu_dtype)
+        contenders = {
+            getattr(impl, "name", impl): pallas_amsgrad.amsgrad(
+                learning_rate, mu_dtype=mu_dtype, implementation=impl
+            )
+            for impl in implementations
+        }
+        updates_fns = {name: jax.jit(opt.update) for name, opt in contenders.items()}
+        step_fns = {name: jax.jit(opt.step) for name, opt in contenders.items()}
+        optax_update = jax.jit(optax.amsgrad(learning_rate, mu_dtype=mu_dtype).update)
+        # optax rounds intermediates to the leaf dtype and keeps b1 * mu in
+        # mu_dtype: its error is counted in the one with fewer mantissa bits.
+        narrowest = min(
+            (param_dtype, mu_name or param_dtype), key=lambda d: jnp.finfo(d).nmant
+        )
+        worst = {name: _Worst() for name in [*contenders, "optax"]}
+        state = spec.init(typed, mu_dtype)
+        rng = np.random.default_rng(1)
+        for step in range(steps):
+            # The zero gradient comes after at least one real step.
+            zero = steps > 1 and step == steps // 2
+            grads = _gradients(typed, param_dtype, rng, zero)
+            expected = spec_update(grads, state, hp)
+            expected_params, _ = spec_step(grads, state, typed, hp)
+            scale_updates, scale_state = spec_update(
+                jax.tree.map(jnp.abs, grads),
+                state._replace(mu=jax.tree.map(jnp.abs, state.mu)),
+                hp,
+            )
+            scale_params = jax.tree.map(
+                lambda p, u: (
+                    jnp.abs(p).astype(jnp.float32) + jnp.abs(u).astype(jnp.float32)
+                ),
+                typed,
+                scale_updates,
+            )
+            scales = (scale_updates, tuple(scale_state)[1:], scale_params)
+            optax_state = (optax.ScaleByAmsgradState(*state), optax.EmptyState())
+            for name in contenders:
+                updates, new_state = updates_fns[name](grads, optax_state, typed)
+                new_params, _ = step_fns[name](grads, optax_state, typed)
+                got = (updates, tuple(new_state[0])[1:], new_params)
+                want = (expected[0], tuple(expected[1])[1:], expected_params)
+                worst[name].add(got, want, scales)
+            optax_updates, (optax_new, _) = optax_update(grads, optax_state, typed)
+            lost = _out_of_float16_range(
+                scale_state, param_dtype == "float16", mu_name == "float16"
+            )
+            worst["optax"].add(
+                (optax_updates, tuple(optax_new)[1:]),
+                (expected[0], tuple(expected[1])[1:]),
+                scales[:2],
+                dtype=narrowest,
+                excluded_tree=lost,
+                drop_non_finite=param_dtype == "float16",
+            )
+            state = expected[1]
+        for name, result in worst.items():
+            row = _row(param_dtype, mu_name, name, result)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def _row(param_dtype: str, mu_name: str | None, contender: str, result: _Worst):
+    """A contender's row: it passes within its bound, having compared values."""
+    bounds = OPTAX_ULPS if contender == "optax" else ulps.DEPLOYED_IMPLEMENTATION_ULPS
+    bound = bounds[result.dtype]
+    notes = []
+    if result.left_out:
+        notes.append(
+            f"{result.left_out} values out of float16's range in optax left out"
+        )
+    if not result.compared:
+        notes.append("no values compared")
+    return Row(
+        params=param_dtype,
+        mu_dtype=mu_name or "param",
+        contender=contender,
+        max_ulps=result.ulps,
+        ulp_dtype=result.dtype,
+        bound=bound,
+        passed=result.compared > 0 and result.ulps <= bound,
+        compared=result.compared,
+        left_out=result.left_out,
+        note="; ".join(notes),
+    )
+
+
+def report(rows: list[Row], *, params, source: str, steps: int, learning_rate) -> dict:
+    """The whole run as plain data: environment, inputs, rows and a summary."""
+    failed = sum(not r.passed for r in rows)
+    return {
+        "environment": environment(),
+        "inputs": inputs(params, source, steps, learning_rate),
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "passed": len(rows) - failed,
+        "failed": failed,
+    }
+
+
+def inputs(params, source: str, steps: int, learning_rate) -> dict:
+    leaves = jax.tree.leaves(params)
+    low, high = FLOAT16_GRADIENT_MAGNITUDES
+    return {
+        "params": source,
+        "leaves": len(leaves),
+        "parameters": int(sum(np.size(x) for x in leaves)),
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "gradients": f"N(0, {GRADIENT_STD}) per step (float16 params: magnitudes "
+        f"log-uniform in [{low}, {high}], random signs), seed 1; with 2 or more "
+        "steps, step steps//2 is zero",
+    }
+
+
+def format_header(environment_: dict, inputs_: dict) -> list[str]:
+    """The table's header lines, printable before any row is measured."""
+    header = (
+        f"{'params':<9} {'mu_dtype':<9} {'vs spec':<8} {'max ULPs':>9} "
+        f"{'in':<9} {'bound':>5}  result"
+    )
+    return [
+        f"pallas-amsgrad verify on {environment_['backend']} "
+        f"({environment_['devices']}), jax {environment_['jax']}, "
+        f"optax {environment_['optax']}",
+        f"params: {inputs_['params']} ({inputs_['leaves']} leaves, "
+        f"{inputs_['parameters']} parameters), {inputs_['steps']} steps",
+        header,
+        "-" * len(header),
+    ]
+
+
+def format_row(r: dict) -> str:
+    return (
+        f"{r['params']:<9} {r['mu_dtype']:<9} {r['contender']:<8} "
+        f"{r['max_ulps']:>9.3g} {r['ulp_dtype']:<9} {r['bound']:>5}  "
+        f"{'pass' if r['passed'] else 'FAIL'}  {r['note']}".rstrip()
+    )
+
+
+def format_summary(run: dict) -> str:
+    return f"{run['passed']} passed, {run['failed']} failed"
+
+
+def format_table(run: dict) -> str:
+    """The report as the table the command prints."""
+    return "\n".join(
+        [
+            *format_header(run["environment"], run["inputs"]),
+            *(format_row(r) for r in run["rows"]),
+            format_summary(run),
+        ]
+    )
+
+
+def run_command(
+    params, source: str, steps: int, learning_rate: float, stream: bool
+) -> dict:
+    """`verify` as the command runs it: with `stream`, the header at once and
+    each row as it finishes on stdout, progress on stderr."""
+    on_row = None
+    if stream:
+        print(
+            "\n".join(
+                format_header(
+                    environment(), inputs(params, source, steps, learning_rate)
+                )
+            ),
+            flush=True,
+        )
+
+        def on_row(row):
+            print(format_row(dataclasses.asdict(row)), flush=True)
+
+    start = time.perf_counter()
+    rows = verify(
+        params=params,
+        steps=steps,
+        learning_rate=learning_rate,
+        on_row=on_row,
+        progress=sys.stderr,
+    )
+    run = report(
+        rows, params=params, source=source, steps=steps, learning_rate=learning_rate
+    )
+    run["seconds"] = round(time.perf_counter() - start, 1)
+    if stream:
+        print(f"{run['seconds']:.1f} s", file=sys.stderr)
+        print(format_summary(run), flush=True)
+    return run

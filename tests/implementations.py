@@ -1,0 +1,107 @@
+"""The implementations the suite runs, as objects handed to the optimizer.
+
+`IMPLEMENTATIONS` is what conftest.py's `implementation` fixture runs every
+implementation-level check with; the accelerator-interpreter lanes build their
+own `Pallas` objects (`tpu_interpreted`, `gpu_interpreted`). Nothing is
+patched: the object carries its configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+import strategies
+import tolerances
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from jax.experimental.pallas import tpu as pltpu
+
+import amsgrad_spec as spec
+import pallas_amsgrad
+
+IMPLEMENTATIONS = {
+    "pallas": pallas_amsgrad.Pallas(),  # Pallas' generic interpreter on CPU.
+    "xla": pallas_amsgrad.Xla(),
+}
+
+
+def tpu_interpreted(block_rows: int, **overrides) -> pallas_amsgrad.Pallas:
+    """The TPU kernel in the strictest TPU interpreter: two cores in a random
+    order, races, NaN-filled uninitialized memory and bad reads fail."""
+    settings = dict(
+        detect_races=True,
+        uninitialized_memory="nan",
+        out_of_bounds_reads="raise",
+        num_cores_or_threads=2,
+    )
+    return pallas_amsgrad.Pallas(
+        block_sizes=pallas_amsgrad.BlockSizes(block_rows),
+        interpret_params=pltpu.InterpretParams(**(settings | overrides)),
+    )
+
+
+def gpu_interpreted(block_rows: int) -> pallas_amsgrad.Pallas:
+    """The GPU kernel in the Mosaic GPU interpreter, races detected."""
+    return pallas_amsgrad.Pallas(
+        block_sizes=pallas_amsgrad.BlockSizes(block_rows),
+        interpret_params=InterpretGPUParams(
+            detect_races=True, uninitialized_memory="zero"
+        ),
+    )
+
+
+def with_block_sizes(implementation, block_sizes):
+    """`implementation` with `block_sizes`, where it takes any."""
+    if block_sizes is None or not isinstance(implementation, pallas_amsgrad.Pallas):
+        return implementation
+    return dataclasses.replace(implementation, block_sizes=block_sizes)
+
+
+def optimizer(hp, implementation, block_sizes=None):
+    """pallas_amsgrad.amsgrad with the hyperparameters of `hp`; `implementation`
+    is an object or a name from `IMPLEMENTATIONS`."""
+    if isinstance(implementation, str):
+        implementation = IMPLEMENTATIONS[implementation]
+    return pallas_amsgrad.amsgrad(
+        **strategies.optax_kwargs(hp),
+        implementation=with_block_sizes(implementation, block_sizes),
+    )
+
+
+def check_against_spec(
+    implementation,
+    params,
+    grads,
+    hp,
+    block_sizes=None,
+    max_ulps=tolerances.IMPLEMENTATION_ULPS,
+):
+    """init equals optax's; then per step, `update` and `step` from the same
+    state within `max_ulps` of the spec, and the same state from both."""
+    opt = optimizer(hp, implementation, block_sizes)
+    state = opt.init(params)
+    reference = optax.amsgrad(**strategies.optax_kwargs(hp)).init(params)
+    tolerances.assert_trees_equal(state, reference, "init: ")
+
+    update, step = jax.jit(opt.update), jax.jit(opt.step)
+    for i, g in enumerate(grads):
+        # Each step starts the spec from the implementation's own state, so
+        # last-bit differences are judged per step rather than compounded.
+        spec_state = spec.AmsgradState(*state[0])
+        updates, new_state = update(g, state, params)
+        new_params, step_state = step(g, state, params)
+        expected_updates, expected_state = spec.update(g, spec_state, hp)
+        expected_params, _ = spec.step(g, spec_state, params, hp)
+        context = f"step {i}: "
+        tolerances.assert_trees_equal(
+            step_state, new_state, context + "step vs update state: "
+        )
+        tolerances.assert_trees_ulp_close(
+            (updates, tuple(new_state[0]), new_params),
+            (expected_updates, tuple(expected_state), expected_params),
+            max_ulps,
+            context,
+            scales=tolerances.summand_scales(g, spec_state, params, hp),
+        )
+        state, params = new_state, new_params
