@@ -76,9 +76,11 @@ def measure(
     """Every contender on every workload, each call beside a roofline call.
 
     A case's `of_roofline` is the median over rounds of (its effective
-    bandwidth / the roofline's) from the pair of calls of that round.
+    bandwidth / the roofline's) from the pair of calls of that round. Each
+    case is reported on `progress` as it finishes, with the elapsed time.
     """
     cases = []
+    start = time.perf_counter()
     total = len(workloads_) * len(contenders_)
     step_bytes = min_bytes_per_param(config.dtype, config.mu_dtype, "step")
     for w, (workload, shapes) in enumerate(workloads_.items()):
@@ -128,7 +130,8 @@ def measure(
                 print(
                     f"[{done:>{len(str(total))}}/{total}] {workload:<12} "
                     f"{contender.name:<28} {format_ms(case.median_s)} "
-                    f"{case.of_roofline:>6.0%} of roofline {case.note}".rstrip(),
+                    f"{case.of_roofline:>6.0%} of roofline; "
+                    f"{time.perf_counter() - start:.0f} s elapsed {case.note}".rstrip(),
                     file=progress,
                     flush=True,
                 )
