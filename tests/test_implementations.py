@@ -126,12 +126,14 @@ def test_gpu_sqrt_is_sqrt():
     assert tolerances.ulp_distance(got, want).max() <= 2
 
 
+# Factories, so that importing this module creates no jax array: the mutation
+# runner forks after importing the tests, and XLA's threads do not survive it.
 LEARNING_RATES = {
-    "float": 0.1,  # Weakly typed: the update keeps its dtype.
-    "float32-array": jnp.asarray(0.1, jnp.float32),  # Lifts 16-bit updates.
-    "bfloat16-array": jnp.asarray(0.1, jnp.bfloat16),
-    "schedule-strong": optax.linear_schedule(0.1, 0.01, 10),  # float32 arrays.
-    "schedule-weak": lambda count: 0.1,  # A Python float: cast, not promoted.
+    "float": lambda: 0.1,  # Weakly typed: the update keeps its dtype.
+    "float32-array": lambda: jnp.asarray(0.1, jnp.float32),  # Lifts 16-bit.
+    "bfloat16-array": lambda: jnp.asarray(0.1, jnp.bfloat16),
+    "schedule-strong": lambda: optax.linear_schedule(0.1, 0.01, 10),  # float32.
+    "schedule-weak": lambda: lambda count: 0.1,  # Cast, not promoted.
 }
 
 
@@ -145,7 +147,7 @@ LEARNING_RATES = {
 def test_output_dtypes_equal_optax(implementation, dtype, mu_dtype, learning_rate):
     """Updates and state of `update`, and params and state of `step`, have
     optax's dtypes (`update` + `apply_updates`) for every learning-rate kind."""
-    kwargs = dict(learning_rate=LEARNING_RATES[learning_rate], mu_dtype=mu_dtype)
+    kwargs = dict(learning_rate=LEARNING_RATES[learning_rate](), mu_dtype=mu_dtype)
     theirs = optax.amsgrad(**kwargs)
     ours = pallas_amsgrad.amsgrad(**kwargs, implementation=implementation)
     params = {

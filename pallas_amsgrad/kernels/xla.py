@@ -28,9 +28,13 @@ def amsgrad_xla_group(
     results = []
     for leaf in leaves:
         param, *moments = operands.split(leaf)
-        update, *moments = _math.amsgrad_block(*(x.astype(dtype) for x in moments), c)
+        # jnp.asarray(x, dtype), as in the kernel body: exactly x.astype(dtype)
+        # here, without astype(None)'s fall back to jnp's default float.
+        update, *moments = _math.amsgrad_block(
+            *(jnp.asarray(x, dtype) for x in moments), c
+        )
         if param is not None:
-            update = param.astype(dtype) + update
+            update = jnp.asarray(param, dtype) + update
         results.append(
             tuple(
                 x.astype(d) for x, d in zip((update, *moments), out_dtypes, strict=True)
