@@ -114,10 +114,6 @@ class Operands:
         return (*param, "grad", "mu", "nu", "nu_max")
 
     @property
-    def outputs(self) -> tuple[str, ...]:
-        return ("param" if self.apply_to_params else "update", "mu", "nu", "nu_max")
-
-    @property
     def tree_names(self) -> tuple[str, ...]:
         """The pytree of each input, e.g. "state.mu", for error messages."""
         return tuple(_TREES[name] for name in self.inputs)
