@@ -76,13 +76,16 @@ def check_against_spec(
     hp,
     block_sizes=None,
     max_ulps=tolerances.IMPLEMENTATION_ULPS,
+    state=None,
 ):
-    """init equals optax's; then per step, `update` and `step` from the same
-    state within `max_ulps` of the spec, and the same state from both."""
+    """init equals optax's (or the steps start from `state`); then per step,
+    `update` and `step` from the same state within `max_ulps` of the spec, and
+    the same state from both."""
     opt = optimizer(hp, implementation, block_sizes)
-    state = opt.init(params)
-    reference = optax.amsgrad(**strategies.optax_kwargs(hp)).init(params)
-    tolerances.assert_trees_equal(state, reference, "init: ")
+    if state is None:
+        state = opt.init(params)
+        reference = optax.amsgrad(**strategies.optax_kwargs(hp)).init(params)
+        tolerances.assert_trees_equal(state, reference, "init: ")
 
     update, step = jax.jit(opt.update), jax.jit(opt.step)
     for i, g in enumerate(grads):

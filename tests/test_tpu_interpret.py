@@ -18,7 +18,7 @@ import strategies
 import tolerances
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from implementations import check_against_spec, tpu_interpreted
+from implementations import check_against_spec, optimizer, tpu_interpreted
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -67,11 +67,14 @@ def test_tpu_kernel_matches_spec_without_races(dtype, mu_dtype, data):
 
 
 def test_tpu_kernel_on_a_multi_block_tree():
-    """One fixed case, fast enough for the mutation-testing selection, two
-    steps over two dtype groups. Blocks of 32 x 128 take two (96, 128) leaves
-    in one loop of six blocks, three per core; tile a (40, 300) leaf in four regions (whole blocks, tail rows,
-    tail columns, the corner); take a 3-D leaf two whole (3, 7) slices at a
-    time, then its last; and a vector that is not a whole number of rows."""
+    """One fixed case, fast enough for the mutation-testing selection: one
+    step (`update` and `step`) over two dtype groups, from a state the XLA path
+    left after a first step, with gradients that keep the old nu_max in some
+    places and not in others. Blocks of 32 x 128 take two (96, 128)
+    leaves in one loop of six blocks, three per core; tile a (40, 300) leaf in
+    four regions (whole blocks, tail rows, tail columns, the corner); take a
+    3-D leaf two whole (3, 7) slices at a time, then its last; and a vector
+    that is not a whole number of rows."""
     params = {
         "w": jnp.linspace(-1, 1, 96 * common.LANES).reshape(96, common.LANES),
         "w_twin": jnp.linspace(2, -1, 96 * common.LANES).reshape(96, common.LANES),
@@ -82,16 +85,22 @@ def test_tpu_kernel_on_a_multi_block_tree():
     elements = 32 * common.LANES
     assert len(tpu.regions((1, 40, 300), elements)) == 4
     assert tpu.regions((5, 3, 7), elements)[0].block == (2, 3, 7)
-    grads = [
-        jax.tree.map(lambda p, s=s: jnp.cos(p * (2 + s)), params) for s in range(2)
-    ]
+    hp = spec.Hyperparams(0.01, mu_dtype=jnp.float32)
+    warm_up = optimizer(hp, "xla")
+    first = jax.tree.map(lambda p: 2 * jnp.cos(3 * p), params)
+    _, state = warm_up.update(first, warm_up.init(params), params)
+    grads = jax.tree.map(lambda p: 3 * jnp.cos(2 * p), params)
+    _, after = spec.update(grads, spec.AmsgradState(*state[0]), hp)
+    kept = after.nu_max["w"] == state[0].nu_max["w"]
+    assert jnp.any(kept) and not jnp.all(kept), "the old nu_max must win somewhere"
     with race_checked():
         check_against_spec(
             tpu_interpreted(32),
             params,
-            grads,
-            spec.Hyperparams(0.01, mu_dtype=jnp.float32),
+            [grads],
+            hp,
             max_ulps=tolerances.INTERPRETED_TPU_ULPS,
+            state=state,
         )
 
 
