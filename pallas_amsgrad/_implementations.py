@@ -1,10 +1,10 @@
 """Implementations as values: small frozen objects that carry their settings.
 
 `implementation=` takes a name from `IMPLEMENTATIONS` ("pallas", "xla"), an
-implementation object, or None for `Default`, which picks one for the backend
-the step is traced for (`for_backend`, the one place that choice is made).
-Each object is hashable, so it can be a static argument, and callable on one
-dtype group:
+implementation object, or None for `Default`, which picks one for the device
+the step is placed on (`implementation_for`, the one place that choice is
+made). Each object is hashable, so it can be a static argument, and callable
+on one dtype group:
 
     implementation(coefficients, leaves, out_dtypes=..., operands=...)
 
@@ -88,29 +88,128 @@ class Xla:
 
 IMPLEMENTATIONS = types.MappingProxyType({"pallas": Pallas(), "xla": Xla()})
 
+# Mosaic GPU's TMA copies and warpgroup layouts need Hopper (sm_90) or newer.
+MOSAIC_GPU_MIN_CAPABILITY = (9, 0)
 
-def for_backend(backend: str, block_sizes: common.BlockSizes | None = None):
-    """The default implementation on `backend`: the kernel where it compiles
-    (TPU, GPU), the XLA path on CPU, where the kernel would be interpreted."""
-    if backend == "cpu":
-        return IMPLEMENTATIONS["xla"]
-    return Pallas(block_sizes=block_sizes)
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the choice of implementation depends on, read from a device.
+
+    Attributes:
+      platform: "tpu", "cuda", "rocm", "cpu", or another backend's name.
+      device_kind: e.g. "NVIDIA H100 80GB HBM3", for messages.
+      compute_capability: (major, minor) on CUDA, else None.
+    """
+
+    platform: str
+    device_kind: str
+    compute_capability: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, device) -> Target:
+        """The target of a `jax.Device` (or any object with its attributes:
+        `platform`, `device_kind`, `compute_capability` on CUDA and
+        `client.platform_version`, which names ROCm)."""
+        platform = device.platform
+        if platform == "gpu":  # jax names both CUDA and ROCm devices "gpu".
+            version = getattr(getattr(device, "client", None), "platform_version", "")
+            platform = "rocm" if "rocm" in str(version).lower() else "cuda"
+        capability = None
+        if platform == "cuda":
+            major, _, minor = str(device.compute_capability).partition(".")
+            capability = (int(major), int(minor or 0))
+        return cls(platform, str(device.device_kind), capability)
+
+    def __str__(self):
+        if self.compute_capability is None:
+            return f"{self.device_kind} ({self.platform})"
+        return (
+            f"{self.device_kind} (CUDA compute capability "
+            f"{'.'.join(map(str, self.compute_capability))})"
+        )
+
+    def cannot_compile_kernel(self) -> str | None:
+        """Why no compiled Pallas kernel of this package runs here, or None
+        where one does (TPU; CUDA from Hopper on) or Pallas interprets it
+        (CPU and other backends)."""
+        if self.platform == "rocm":
+            return "its Mosaic GPU kernel supports NVIDIA GPUs only"
+        if self.platform == "cuda" and (
+            self.compute_capability < MOSAIC_GPU_MIN_CAPABILITY
+        ):
+            return (
+                "its Mosaic GPU kernel needs compute capability "
+                f"{'.'.join(map(str, MOSAIC_GPU_MIN_CAPABILITY))} or higher "
+                "(Hopper and newer)"
+            )
+        return None
+
+
+def implementation_for(device, block_sizes: common.BlockSizes | None = None):
+    """The default implementation on `device`: the kernel where it compiles
+    (TPU; CUDA from compute capability 9.0), else the XLA path (CUDA before
+    Hopper, ROCm, CPU, where the kernel would be interpreted, and any other
+    backend)."""
+    target = Target.of(device)
+    if target.platform == "tpu" or (
+        target.platform == "cuda" and target.cannot_compile_kernel() is None
+    ):
+        return Pallas(block_sizes=block_sizes)
+    return IMPLEMENTATIONS["xla"]
+
+
+def placed_device(arrays: Sequence[Any]):
+    """The device a step on `arrays` runs on, as far as tracing can see it:
+    that of a concrete input, else of the mesh in context (`jax.set_mesh`),
+    else jax's default device."""
+    for x in arrays:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            return min(x.devices(), key=lambda d: d.id)
+    abstract = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if abstract is not None:
+        for device in jax.devices(abstract.platform):
+            if device.device_kind == abstract.device_kind:
+                return device
+    default = jax.config.jax_default_device
+    if isinstance(default, str):
+        return jax.devices(default)[0]
+    if default is not None:
+        return default
+    return jax.devices()[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class Default:
-    """`implementation=None`: `for_backend` of the backend traced for."""
+    """`implementation=None`: `implementation_for` the device the step is
+    placed on."""
 
     name: ClassVar[str] = "default"
     block_sizes: common.BlockSizes | None = None
 
-    def select(self) -> Implementation:
-        return for_backend(jax.default_backend(), self.block_sizes)
-
     def __call__(self, coefficients, leaves, *, out_dtypes, operands):
-        return self.select()(
+        device = placed_device([x for leaf in leaves for x in leaf])
+        return implementation_for(device, self.block_sizes)(
             coefficients, leaves, out_dtypes=out_dtypes, operands=operands
         )
+
+
+def for_device(implementation: Implementation, device) -> Implementation:
+    """`implementation` as it runs on `device`: `Default` picks one; a
+    `Pallas` that would compile for a device its kernels do not support
+    raises, naming the device."""
+    if isinstance(implementation, Default):
+        return implementation_for(device, implementation.block_sizes)
+    if isinstance(implementation, Pallas) and implementation.interpret_params is None:
+        target = Target.of(device)
+        reason = target.cannot_compile_kernel()
+        if reason is not None:
+            raise ValueError(
+                f"implementation='pallas' cannot run on {target}: {reason}. "
+                "Use implementation='xla' (the same math as XLA fusions), or "
+                "None, which picks it on this device."
+            )
+    return implementation
 
 
 def resolve(

@@ -78,8 +78,10 @@ def fused_update(
         checked["params"] = params
     _validation.check_trees(grads, checked)
     operands = _math.STEP if params is not None else _math.UPDATE
-    if isinstance(implementation, _implementations.Default):
-        implementation = implementation.select()
+    implementation = _implementations.for_device(
+        implementation,
+        _implementations.placed_device(jax.tree.leaves((grads, params, state))),
+    )
 
     count = optax.safe_increment(state.count)
     corrections = (

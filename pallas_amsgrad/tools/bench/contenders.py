@@ -204,7 +204,7 @@ def _torch_fused(shapes, config):
 
 def contenders(with_torch: bool) -> list[Contender]:
     """The roofline first, then this package, optax and (optionally) torch."""
-    ours = _implementations.for_backend(jax.default_backend()).name
+    ours = _implementations.implementation_for(jax.devices()[0]).name
     chosen = [
         Contender(ROOFLINE, "step", roofline_pass),
         Contender(f"step [{ours}] donated", "step", _our_step(True)),

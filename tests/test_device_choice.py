@@ -1,0 +1,148 @@
+"""Which implementation runs on which device, with simulated devices.
+
+Mosaic GPU compiles for Hopper (compute capability 9.0) and newer only, so
+`implementation=None` takes the XLA path on older NVIDIA GPUs, on ROCm and on
+CPU, and the kernel on TPU and Hopper+; `"pallas"` on a GPU it cannot compile
+for raises at trace time. The devices are stand-ins with the attributes jax's
+devices have, handed to the step through `_implementations.placed_device`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_amsgrad
+from pallas_amsgrad import _implementations
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeClient:
+    platform_version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    platform: str
+    device_kind: str
+    client: FakeClient
+    compute_capability: str | None = None
+
+
+def cuda(capability: str, kind: str) -> FakeDevice:
+    return FakeDevice("gpu", kind, FakeClient("cuda 13000"), capability)
+
+
+H100 = cuda("9.0", "NVIDIA H100 80GB HBM3")
+B200 = cuda("10.0", "NVIDIA B200")
+A100 = cuda("8.0", "NVIDIA A100-SXM4-80GB")
+L4 = cuda("8.9", "NVIDIA L4")
+MI300 = FakeDevice("gpu", "AMD Instinct MI300X", FakeClient("rocm 6.4.1"), "gfx942")
+TPU = FakeDevice("tpu", "TPU v5p", FakeClient("PJRT C API"))
+CPU = FakeDevice("cpu", "cpu", FakeClient("cpu"))
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        (TPU, "pallas"),
+        (H100, "pallas"),
+        (B200, "pallas"),
+        (A100, "xla"),
+        (L4, "xla"),
+        (MI300, "xla"),
+        (CPU, "xla"),
+        (FakeDevice("METAL", "Apple M3", FakeClient("metal")), "xla"),
+    ],
+    ids=lambda v: getattr(v, "device_kind", v),
+)
+def test_implementation_for_each_device(device, expected):
+    assert _implementations.implementation_for(device).name == expected
+
+
+def test_the_real_cpu_device_gets_the_xla_path():
+    [device] = jax.devices()[:1]
+    assert _implementations.implementation_for(device).name == "xla"
+
+
+def test_block_sizes_go_to_the_kernel_where_it_is_chosen():
+    sizes = pallas_amsgrad.BlockSizes(64)
+    assert _implementations.implementation_for(H100, sizes).block_sizes == sizes
+
+
+def _step_jaxpr(monkeypatch, device, implementation):
+    """The step's jaxpr, traced as if placed on `device`."""
+    monkeypatch.setattr(_implementations, "placed_device", lambda arrays: device)
+    opt = pallas_amsgrad.amsgrad(1e-3, implementation=implementation)
+    params = {"w": jnp.ones((8, 128)), "b": jnp.ones((7,), jnp.bfloat16)}
+    return str(jax.make_jaxpr(opt.step)(params, opt.init(params), params))
+
+
+@pytest.mark.parametrize("device", [A100, L4, MI300, CPU], ids=lambda d: d.device_kind)
+def test_default_takes_the_xla_path_where_the_kernel_cannot_compile(
+    monkeypatch, device
+):
+    assert "pallas_call" not in _step_jaxpr(monkeypatch, device, None)
+
+
+@pytest.mark.parametrize("device", [H100, B200, TPU], ids=lambda d: d.device_kind)
+def test_default_runs_the_kernel_on_hopper_and_tpu(monkeypatch, device):
+    assert "pallas_call" in _step_jaxpr(monkeypatch, device, None)
+
+
+def test_default_on_hopper_exports_the_mosaic_gpu_kernel(monkeypatch):
+    """The choice made for an sm_90 device lowers, for `cuda`, to Mosaic GPU
+    custom calls; for an sm_80 device to none."""
+    params = {"w": jax.ShapeDtypeStruct((8, 128), jnp.float32)}
+    modules = {}
+    for device in (H100, A100):
+        monkeypatch.setattr(_implementations, "placed_device", lambda a, d=device: d)
+        opt = pallas_amsgrad.amsgrad(1e-3)  # A new function: traced afresh.
+        state = jax.eval_shape(opt.init, params)
+        exported = jax.export.export(jax.jit(opt.step), platforms=["cuda"])
+        modules[device] = exported(params, state, params).mlir_module()
+    assert "custom_call @mosaic_gpu" in modules[H100]
+    assert "custom_call @mosaic_gpu" not in modules[A100]
+
+
+@pytest.mark.parametrize(
+    "device, words",
+    [
+        (A100, ["NVIDIA A100-SXM4-80GB", "compute capability 8.0", "9.0"]),
+        (L4, ["NVIDIA L4", "compute capability 8.9"]),
+        (MI300, ["AMD Instinct MI300X", "rocm", "NVIDIA GPUs only"]),
+    ],
+    ids=lambda v: getattr(v, "device_kind", None),
+)
+def test_pallas_where_it_cannot_compile_raises_at_trace_time(
+    monkeypatch, device, words
+):
+    with pytest.raises(ValueError, match="implementation='xla'") as error:
+        _step_jaxpr(monkeypatch, device, "pallas")
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_interpreted_kernels_run_on_any_device(monkeypatch):
+    """An `interpret_params` object never compiles for the device."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    interpreted = pallas_amsgrad.Pallas(interpret_params=pltpu.InterpretParams())
+    assert "pallas_call" in _step_jaxpr(monkeypatch, A100, interpreted)
+
+
+def test_placed_device_is_that_of_a_concrete_input():
+    x = jax.device_put(jnp.ones(3), jax.devices()[-1])
+    assert _implementations.placed_device([x]) == jax.devices()[-1]
+
+
+def test_placed_device_follows_jax_default_device():
+    device = jax.devices()[-1]
+    with jax.default_device(device):
+        assert _implementations.placed_device([]) == device
+    with jax.default_device("cpu"):
+        assert _implementations.placed_device([]) == jax.devices("cpu")[0]
+    assert _implementations.placed_device([]) == jax.devices()[0]
