@@ -83,6 +83,22 @@ def _bench(args, parser) -> int:
     return 1 if regressed else 0
 
 
+def _selftest(args) -> int:
+    import pathlib
+
+    import jax
+
+    from pallas_amsgrad.tools import selftest
+
+    out = args.out or f"selftest-{jax.default_backend()}"
+    return selftest.selftest(
+        pathlib.Path(out),
+        quick=args.quick,
+        tests=not args.no_tests,
+        torch=not args.no_torch,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pallas-amsgrad", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -148,7 +164,30 @@ def main(argv: list[str] | None = None) -> int:
         help="allowed relative drop in fraction of roofline (default 0.35; "
         "small workloads on a shared CPU vary about that much)",
     )
+    selftest = commands.add_parser(
+        "selftest",
+        help="the accelerator lane: tests, verify and bench on this device",
+        description="On the device this process sees (compiled kernels on "
+        "TPU/GPU, interpreted on CPU), runs the tests that judge the kernel "
+        "there, then verify, then bench (against optax and, where installed, "
+        "torch's fused AMSGrad), and writes logs, JSON, the plot and the "
+        "machine description into one folder. Run it from the source "
+        "checkout. Exits 1 if any stage failed.",
+    )
+    selftest.add_argument(
+        "--out", metavar="DIR", help="default: selftest-<backend> in the current folder"
+    )
+    selftest.add_argument(
+        "--quick",
+        action="store_true",
+        help="one test of each kind, verify on a tiny tree, bench on 64K "
+        "parameters: shows the lane works (CI runs it on CPU)",
+    )
+    selftest.add_argument("--no-tests", action="store_true", help="skip pytest")
+    selftest.add_argument("--no-torch", action="store_true", help="leave torch out")
     args = parser.parse_args(argv)
+    if args.command == "selftest":
+        return _selftest(args)
     if args.command == "bench":
         if args.rounds < 1:
             parser.error(f"--rounds must be at least 1, got {args.rounds}")
