@@ -56,6 +56,17 @@ def _export(platform, fn_name, dtype, mu_dtype, shapes=SHAPES, block_sizes=None)
     return jax.export.export(fn, platforms=[platform])(*args).mlir_module()
 
 
+def _lowering_semantics(fn_name, dtype, mu_dtype) -> set[str]:
+    """The Mosaic GPU lowering semantics in the step's jaxpr (every platform's
+    kernel is traced there)."""
+    opt = pallas_amsgrad.amsgrad(1e-3, mu_dtype=mu_dtype, implementation="pallas")
+    params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in SHAPES.items()}
+    state = jax.eval_shape(opt.init, params)
+    fn = opt.step if fn_name == "step" else opt.update
+    jaxpr = str(jax.make_jaxpr(fn)(params, state, params))
+    return set(re.findall(r"lowering_semantics=<LoweringSemantics\.(\w+)", jaxpr))
+
+
 def _custom_calls(module: str, target: str) -> list[str]:
     return [line for line in module.splitlines() if f"custom_call @{target}(" in line]
 
@@ -83,8 +94,12 @@ def _expected_aliased_operands(fn_name, leaves):
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_lowers_with_every_state_array_aliased(platform, dtype, mu_dtype, fn_name):
     """One kernel for the whole tree (its leaves share dtypes), with every
-    written array in place."""
+    written array in place; on cuda, asking for Mosaic GPU's Lane semantics,
+    which its per-thread loads are written for (jax 0.11 defaults to
+    Warpgroup)."""
     module = _export(platform, fn_name, dtype, mu_dtype)
+    if platform == "cuda":
+        assert _lowering_semantics(fn_name, dtype, mu_dtype) == {"Lane"}
     [call] = _custom_calls(module, CUSTOM_CALLS[platform])
     non_empty = len([s for s in SHAPES.values() if math.prod(s)])
     # Four results per leaf, each written array's own buffer: no extra ones.

@@ -146,7 +146,11 @@ def _launch(coefficients, leaves, *, out_dtypes, block_rows, operands, interpret
         kernel,
         out_type=new_outputs,
         mesh=plgpu.Mesh(grid=(sum(s.blocks for s in plan),), grid_names=(GRID_AXIS,)),
-        compiler_params=plgpu.CompilerParams(),
+        # Lane semantics: per-thread loads in a strided layout (`_load`). jax
+        # 0.11 made Warpgroup the default; 0.10 defaulted to Lane.
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Lane
+        ),
         interpret=interpret,
         cost_estimate=common.cost_estimate(  # pragma: no mutate
             sum(math.prod(s) for s in shapes),
