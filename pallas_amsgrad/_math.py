@@ -63,18 +63,26 @@ def amsgrad_block(
     Equivalent to the following JAX code:
 
         mu = (1 - b1) * g + b1 * mu
-        nu = (1 - b2) * g**2 + b2 * nu
+        nu = (1 - b2) * |g|**2 + b2 * nu
         nu_max = maximum(nu_max, nu * (1 / bc_nu))
         update = step_size * ((mu * (1 / bc_mu)) / (sqrt(nu_max + eps_root) + eps))
 
     Returns (update, mu, nu, nu_max), unrounded.
     """
     mu = c.one_minus_b1 * grad + c.b1 * mu
-    nu = c.one_minus_b2 * (grad * grad) + c.b2 * nu
+    nu = c.one_minus_b2 * squared_magnitude(grad) + c.b2 * nu
     nu_max = jnp.maximum(nu_max, nu * c.inverse_bias_correction_nu)
     mu_hat = mu * c.inverse_bias_correction_mu
     direction = mu_hat / (sqrt(nu_max + c.eps_root) + c.eps)
     return c.step_size * direction, mu, nu, nu_max
+
+
+def squared_magnitude(x: jax.Array) -> jax.Array:
+    """|x|^2 elementwise: x * x, or (conj(x) * x).real for complex x, as
+    optax's `abs_sq` (real, so a complex leaf's nu has no imaginary part)."""
+    if jnp.iscomplexobj(x):
+        return (x.conj() * x).real
+    return x * x
 
 
 def sqrt_via_rsqrt(x: jax.Array) -> jax.Array:

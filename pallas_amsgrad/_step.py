@@ -42,7 +42,8 @@ def leaf_dtypes(grad, mu, nu, nu_max, hp: Hyperparams, step_size, is_schedule):
     hyperparameters as given (a Python float is weakly typed).
     """
     mu_new = jnp.result_type(1 - hp.b1, grad, hp.b1, mu)  # (1-b1)*g + b1*mu
-    nu_new = jnp.result_type(1 - hp.b2, grad, hp.b2, nu)  # (1-b2)*g**2 + b2*nu
+    # (1-b2)*|g|**2 + b2*nu, where |g|**2 is real for a complex g.
+    nu_new = jnp.result_type(1 - hp.b2, jnp.finfo(grad.dtype).dtype, hp.b2, nu)
     nu_max_new = jnp.result_type(nu_max, nu_new)  # maximum(nu_max, nu/bc)
     update = jnp.result_type(mu_new, nu_max_new, hp.eps_root, hp.eps)
     if step_size is not None and not is_schedule:  # A schedule is cast first.
@@ -103,6 +104,7 @@ def fused_update(
             strict=True,
         )
     ):
+        _validation.check_complex_leaf(paths[index], grad, mu, param, hp.mu_dtype)
         out_dtypes, compute = leaf_dtypes(
             grad, mu, nu, nu_max, hp, step_size, is_schedule
         )
@@ -129,7 +131,11 @@ def fused_update(
             inverse_bias_correction_nu=1 / jnp.asarray(corrections[1], compute),
         )
         outputs = _sharding.per_shard(
-            implementation,
+            # The kernels are written for real dtypes: complex leaves take
+            # the XLA path, the same block math.
+            _implementations.IMPLEMENTATIONS["xla"]
+            if jnp.issubdtype(compute, jnp.complexfloating)
+            else implementation,
             coefficients.pack(compute),
             [inputs for _, inputs in members],
             paths=[paths[index] for index, _ in members],

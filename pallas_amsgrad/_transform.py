@@ -71,6 +71,13 @@ def _init_state(params, mu_dtype) -> optax.ScaleByAmsgradState:
     meshes = []
 
     def zeros(path, p, dtype=None):
+        if dtype is not None and jnp.issubdtype(p.dtype, jnp.complexfloating):
+            raise TypeError(
+                f"params{jax.tree_util.keystr(path)} is complex ({p.dtype}) but "
+                f"mu_dtype={jnp.dtype(dtype).name} is real: casting mu to it "
+                "would drop its imaginary part; use mu_dtype=None for complex "
+                "leaves"
+            )
         dtype = dtype or p.dtype
         if isinstance(p, jax.Array):  # Keeps a concrete or explicit sharding.
             if isinstance(getattr(p, "sharding", None), NamedSharding):

@@ -56,7 +56,7 @@ def _leaves_like(name: str, tree: Any, treedef) -> list[Any]:
 
 
 def check_trees(grads: Any, trees: dict[str, Any]) -> None:
-    """Every tree matches `grads` in structure and shapes; all leaves real floats.
+    """Every tree matches `grads` in structure and shapes; all leaves floats.
 
     Args:
       grads: the gradient pytree, the reference structure.
@@ -80,9 +80,36 @@ def check_trees(grads: Any, trees: dict[str, Any]) -> None:
 
 def _check_float_leaf(name: str, leaf: Any) -> None:
     dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"{name} has dtype {dtype} (shape {jnp.shape(leaf)}); AMSGrad here "
-            f"takes real floating-point leaves only, not {kind}"
+            f"{name} has dtype {dtype} (shape {jnp.shape(leaf)}); AMSGrad takes "
+            "floating-point leaves (real or complex) only"
+        )
+
+
+def check_complex_leaf(path: str, grad, mu, param, mu_dtype) -> None:
+    """Refuses what would drop a complex leaf's imaginary part: a real
+    `mu_dtype` or a real param for a complex gradient or first moment."""
+    complex_leaf = next(
+        (
+            (name, x)
+            for name, x in ((f"grads{path}", grad), (f"state.mu{path}", mu))
+            if jnp.iscomplexobj(x)
+        ),
+        None,
+    )
+    if complex_leaf is None:
+        return
+    name, x = complex_leaf
+    described = f"{name} is complex ({jnp.result_type(x)})"
+    if mu_dtype is not None:
+        raise TypeError(
+            f"{described} but mu_dtype={jnp.dtype(mu_dtype).name} is real: "
+            "casting mu to it would drop its imaginary part; use mu_dtype=None "
+            "for complex leaves"
+        )
+    if param is not None and not jnp.iscomplexobj(param):
+        raise TypeError(
+            f"{described} but params{path} is real ({jnp.result_type(param)}): "
+            "the update's imaginary part would be dropped"
         )

@@ -130,7 +130,10 @@ def assert_trees_ulp_close(
 def assert_trees_equal(actual, expected, context=""):
     """Structure, dtypes, shapes and bits all equal (NaN equal to NaN)."""
     assert_trees_ulp_close(
-        actual, expected, dict.fromkeys(IMPLEMENTATION_ULPS, 0), context
+        actual,
+        expected,
+        dict.fromkeys([*IMPLEMENTATION_ULPS, "complex64", "complex128"], 0),
+        context,
     )
 
 
@@ -138,7 +141,14 @@ def assert_trees_equal(actual, expected, context=""):
 # moved between implementations) compare trajectories, where last-bit
 # differences compound and cancel over steps: errors are normwise, relative to
 # each leaf's largest magnitude. Wiring mistakes are off by far more.
-NORMWISE_RTOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
+NORMWISE_RTOL = {
+    "float64": 1e-13,
+    "float32": 1e-5,
+    "bfloat16": 2e-2,
+    "float16": 2e-3,
+    "complex64": 1e-5,  # Each part, relative to the leaf's largest modulus.
+    "complex128": 1e-13,
+}
 
 
 def assert_trees_normwise_close(actual, expected, context=""):
@@ -151,6 +161,7 @@ def assert_trees_normwise_close(actual, expected, context=""):
     ):
         where = f"{context}{jax.tree_util.keystr(path)}"
         assert a.dtype == e.dtype, f"{where}: dtype {a.dtype} != {e.dtype}"
-        a64, e64 = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        wide = np.complex128 if np.iscomplexobj(e) else np.float64
+        a64, e64 = np.asarray(a, wide), np.asarray(e, wide)
         bound = NORMWISE_RTOL[jnp.dtype(a.dtype).name] * np.max(np.abs(e64), initial=0)
         np.testing.assert_allclose(a64, e64, rtol=0, atol=bound, err_msg=where)

@@ -221,10 +221,16 @@ def _stream(body, leaves, region: Region):
         on a TPU)."""
         index, slices = first + step, []
         for split in reversed(splits):
-            position = jax.lax.rem(index, split.blocks)
-            index = jax.lax.div(index, split.blocks)
+            blocks = jnp.asarray(split.blocks, index.dtype)  # int32 under x64 too.
+            position = jax.lax.rem(index, blocks)
+            index = jax.lax.div(index, blocks)
             slices.insert(0, pl.ds(split.start + position * split.size, split.size))
         return index, tuple(slices)
+
+    def slot_of(step):
+        # lax.rem takes one int width: the literal in the step's (int32 under
+        # x64 too).
+        return jax.lax.rem(step, jnp.asarray(SLOTS, step.dtype))
 
     def scoped(in_buffers, out_buffers, in_sems, out_sems):
         def copies(refs, buffers, sems, slices, slot, inbound):
@@ -267,7 +273,7 @@ def _stream(body, leaves, region: Region):
             start(0, 0, inbound=True)
 
         def iteration(step, carry):
-            slot = jax.lax.rem(step, SLOTS)
+            slot = slot_of(step)
 
             @pl.when(step + 1 < count)
             def _():
@@ -286,7 +292,7 @@ def _stream(body, leaves, region: Region):
         def drain(step):
             @pl.when(step >= 0)
             def _():
-                wait(step, jax.lax.rem(step, SLOTS), inbound=False)
+                wait(step, slot_of(step), inbound=False)
 
         jax.lax.fori_loop(0, count, iteration, 0)
         for step in range(SLOTS, 0, -1):  # The writes still in flight.
