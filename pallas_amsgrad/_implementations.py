@@ -189,7 +189,7 @@ class Default:
 
     def __call__(self, coefficients, leaves, *, out_dtypes, operands):
         device = placed_device([x for leaf in leaves for x in leaf])
-        return implementation_for(device, self.block_sizes)(
+        return for_device(self, device)(
             coefficients, leaves, out_dtypes=out_dtypes, operands=operands
         )
 
