@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pallas_amsgrad.kernels import common, gpu, tpu
@@ -30,6 +30,8 @@ def _padded(block):
     )
 
 
+# Several slices too big for one block: each block one slice's rows.
+@example(shape=(2, 70, 100), elements=64 * common.LANES)
 @given(shape=st.tuples(st.integers(1, 5), dims, st.integers(1, 700)), elements=elements)
 def test_tpu_regions_cover_every_element_once_within_vmem(shape, elements):
     covered = np.zeros(shape, np.int32)
@@ -45,6 +47,7 @@ def test_tpu_regions_cover_every_element_once_within_vmem(shape, elements):
     np.testing.assert_array_equal(covered, 1)
 
 
+@example(shape=(3, 5))
 @given(shape=st.lists(st.integers(0, 40), max_size=4).map(tuple))
 def test_tpu_views_keep_the_tiled_dims(shape):
     view = tpu.view_shape(shape)
