@@ -93,20 +93,24 @@ def _expected_aliased_operands(fn_name, leaves):
 )
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_lowers_with_every_state_array_aliased(platform, dtype, mu_dtype, fn_name):
-    """One kernel for the whole tree (its leaves share dtypes), with every
-    written array in place; on cuda, asking for Mosaic GPU's Lane semantics,
-    which its per-thread loads are written for (jax 0.11 defaults to
-    Warpgroup)."""
+    """One kernel for the whole tree on TPU (its leaves share dtypes), one per
+    leaf on cuda, with every written array in place; on cuda, asking for
+    Mosaic GPU's Lane semantics, which its per-thread loads are written for
+    (jax 0.11 defaults to Warpgroup)."""
     module = _export(platform, fn_name, dtype, mu_dtype)
     if platform == "cuda":
         assert _lowering_semantics(fn_name, dtype, mu_dtype) == {"Lane"}
-    [call] = _custom_calls(module, CUSTOM_CALLS[platform])
+    calls = _custom_calls(module, CUSTOM_CALLS[platform])
     non_empty = len([s for s in SHAPES.values() if math.prod(s)])
-    # Four results per leaf, each written array's own buffer: no extra ones.
-    assert int(re.match(r"\s*%\w+:(\d+) = ", call)[1]) == 4 * non_empty
-    aliases = _aliases(call)
-    assert set(aliases) == _expected_aliased_operands(fn_name, non_empty), call[:3000]
-    assert len(set(aliases.values())) == len(aliases)  # Each to its own output.
+    leaves_per_call = {"tpu": non_empty, "cuda": 1}[platform]
+    assert len(calls) == non_empty // leaves_per_call
+    for call in calls:
+        # Four results per leaf, each written array's own buffer: no extra ones.
+        assert int(re.match(r"\s*%\w+:(\d+) = ", call)[1]) == 4 * leaves_per_call
+        aliases = _aliases(call)
+        expected = _expected_aliased_operands(fn_name, leaves_per_call)
+        assert set(aliases) == expected, call[:3000]
+        assert len(set(aliases.values())) == len(aliases)  # Each to its own output.
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
@@ -154,7 +158,9 @@ def test_edge_shapes_lower_for_both_targets():
     shapes = {f"leaf{i}": s for i, s in enumerate(strategies.EDGE_SHAPES)}
     for platform in CUSTOM_CALLS:
         module = _export(platform, "step", "bfloat16", "float32", shapes=shapes)
-        assert len(_custom_calls(module, CUSTOM_CALLS[platform])) == 1
+        non_empty = len([s for s in shapes.values() if math.prod(s)])
+        launches = {"tpu": 1, "cuda": non_empty}[platform]
+        assert len(_custom_calls(module, CUSTOM_CALLS[platform])) == launches
 
 
 def test_float64_runs_the_interpreter_on_every_target():

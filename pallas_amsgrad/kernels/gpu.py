@@ -1,9 +1,9 @@
-"""The GPU step: a kernel launch per dtype group (of up to 16 leaves), in place.
+"""The GPU step: a kernel launch per leaf, in place.
 
-One Mosaic GPU kernel takes the leaves of a dtype group, left in GMEM: its
-grid has one CUDA block per (block_rows, 128) block of every leaf, and each
-CUDA block finds its leaf from its index, copies its block in by TMA, runs
-`common.amsgrad_kernel` and copies the results out. The leaves written in
+A Mosaic GPU kernel takes `LEAVES_PER_LAUNCH` leaves of a dtype group, left
+in GMEM: its grid has one CUDA block per (block_rows, 128) block of every
+leaf, and each CUDA block finds its leaf from its index, copies its block in
+by TMA, runs `common.amsgrad_kernel` and copies the results out. The leaves written in
 place are passed as `jax.Ref`s, which `pl.kernel` aliases to its outputs.
 
 Layers read top-down: `amsgrad_gpu_group` (launches) -> `_launch` (views,
@@ -31,10 +31,11 @@ from pallas_amsgrad.kernels import common
 
 GRID_AXIS = "blocks"
 WARPGROUP_THREADS = 128
-# Leaves per launch. Mosaic GPU lowers a kernel in time that grows with the
-# square of its TMA copies, so a group of many leaves takes several launches
-# (the README gives the measured export times).
-LEAVES_PER_LAUNCH = 16
+# Leaves per launch. Mosaic GPU compiles a kernel in time that grows with the
+# square of its TMA copies: on an H200 (jax 0.11.2) a launch of 1, 4 and 8
+# leaves compiled in 0.3 s, 7.9 s and 29 s, so a launch per leaf compiles a
+# tree fastest (benchmarks/results/h200-061bb4c/compile_probe.log).
+LEAVES_PER_LAUNCH = 1
 
 
 class Segment(NamedTuple):
