@@ -1,9 +1,10 @@
-"""The AMSGrad update of one block, and the operands every implementation takes.
+"""The AMSGrad step of one block, and the operands every implementation takes.
 
-Every implementation (the Pallas kernels and the XLA path) runs
-`amsgrad_block` on the same `Coefficients`, so they cannot drift apart; the
-spec (`amsgrad_spec`) is written independently and judges them all. `Operands`
-is the one statement of the order in which a leaf's arrays reach them.
+Every implementation (the Pallas kernels and the XLA path) runs `step_block`
+on the same `Coefficients`, so they cannot drift apart; the spec
+(`amsgrad_spec`) is written independently and judges them all. `Operands` is
+the one statement of the order in which a leaf's arrays reach them, and of
+the optional terms (clipping, weight decay, skips) a group's step has.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class Coefficients(NamedTuple):
     # and the kernel must give the same bits for a leaf wherever it sits.
     inverse_bias_correction_mu: jax.Array
     inverse_bias_correction_nu: jax.Array
+    # The recipe's terms (`Terms`); neutral values where a term is off.
+    # min(1, max_grad_norm / global_norm), as clip_by_global_norm scales.
+    grad_scale: jax.Array = 1
+    weight_decay: jax.Array = 0
+    accept: jax.Array = 1  # 0 when the finite guard skips the step.
 
     def pack(self, dtype: Any) -> jax.Array:
         """The coefficients as one 1-D array of `dtype` (SMEM on TPU)."""
@@ -50,6 +56,23 @@ class Coefficients(NamedTuple):
         return cls(*(packed[i] for i in range(len(cls._fields))))
 
 
+@dataclasses.dataclass(frozen=True)
+class Terms:
+    """The optional terms of a group's step (static: each changes the program).
+
+    Attributes:
+      clip: gradients scaled by `grad_scale` before the moments.
+      decay: `weight_decay * param` added to the direction (the param is read,
+        in `update` too).
+      skip: where `accept` is 0 the step changes nothing: zero updates (or the
+        param as it was) and the moments as they were.
+    """
+
+    clip: bool = False
+    decay: bool = False
+    skip: bool = False
+
+
 def amsgrad_block(
     grad: jax.Array,
     mu: jax.Array,
@@ -57,24 +80,65 @@ def amsgrad_block(
     nu_max: jax.Array,
     c: Coefficients,
     sqrt: Callable[[jax.Array], jax.Array] = jnp.sqrt,
+    *,
+    param: jax.Array | None = None,
+    terms: Terms = Terms(),
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One AMSGrad step on arrays already in the compute dtype.
 
     Equivalent to the following JAX code:
 
+        g = grad_scale * g                                  # terms.clip
         mu = (1 - b1) * g + b1 * mu
         nu = (1 - b2) * |g|**2 + b2 * nu
         nu_max = maximum(nu_max, nu * (1 / bc_nu))
-        update = step_size * ((mu * (1 / bc_mu)) / (sqrt(nu_max + eps_root) + eps))
+        d = (mu * (1 / bc_mu)) / (sqrt(nu_max + eps_root) + eps)
+        d = d + weight_decay * param                        # terms.decay
+        update = step_size * d
 
-    Returns (update, mu, nu, nu_max), unrounded.
+    Returns (update, mu, nu, nu_max), unrounded; `terms.skip` is the caller's
+    (`step_block`).
     """
+    if terms.clip:
+        grad = c.grad_scale * grad
     mu = c.one_minus_b1 * grad + c.b1 * mu
     nu = c.one_minus_b2 * squared_magnitude(grad) + c.b2 * nu
     nu_max = jnp.maximum(nu_max, nu * c.inverse_bias_correction_nu)
     mu_hat = mu * c.inverse_bias_correction_mu
     direction = mu_hat / (sqrt(nu_max + c.eps_root) + c.eps)
+    if terms.decay:
+        direction = direction + c.weight_decay * param
     return c.step_size * direction, mu, nu, nu_max
+
+
+def step_block(
+    inputs: Sequence[jax.Array],
+    c: Coefficients,
+    operands: Operands,
+    sqrt: Callable[[jax.Array], jax.Array] = jnp.sqrt,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A leaf's (block's) outputs in `operands` order, from its inputs in
+    `operands` order, all in the compute dtype and unrounded: the new param
+    (or the update), mu, nu, nu_max."""
+    param, grad, mu, nu, nu_max = operands.split(inputs)
+    terms = operands.terms
+    update, *moments = amsgrad_block(
+        grad, mu, nu, nu_max, c, sqrt, param=param, terms=terms
+    )
+    first = param + update if operands.apply_to_params else update
+    if not terms.skip:
+        return (first, *moments)
+    accept = c.accept != 0
+    unchanged = (
+        param if operands.apply_to_params else jnp.zeros_like(update),
+        mu,
+        nu,
+        nu_max,
+    )
+    return tuple(
+        jnp.where(accept, new, old)
+        for new, old in zip((first, *moments), unchanged, strict=True)
+    )
 
 
 def squared_magnitude(x: jax.Array) -> jax.Array:
@@ -111,14 +175,21 @@ class Operands:
 
     Inputs are `([param,] grad, mu, nu, nu_max)` and outputs
     `(param | update, mu, nu, nu_max)`: `step` passes the param and gets it
-    back updated; `update` passes none and gets the update itself.
+    back updated; `update` gets the update itself, and passes the param only
+    to read it (weight decay).
     """
 
     apply_to_params: bool
+    terms: Terms = Terms()
+
+    @property
+    def reads_param(self) -> bool:
+        """Whether the param is an input: for `step`, or read for decay."""
+        return self.apply_to_params or self.terms.decay
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        param = ("param",) if self.apply_to_params else ()
+        param = ("param",) if self.reads_param else ()
         return (*param, "grad", "mu", "nu", "nu_max")
 
     @property
@@ -133,20 +204,25 @@ class Operands:
     @property
     def reference_index(self) -> int:
         """The input whose layout a leaf's outputs take: param, else mu."""
-        return 0 if self.apply_to_params else self.inputs.index("mu")
+        return 0 if self.reads_param else self.inputs.index("mu")
 
     def written_back(self) -> dict[int, int]:
         """{input position: output position} of every input the step replaces
-        (all but grad, which is only read)."""
+        (all but grad, and a param read only for decay)."""
         return {
-            k: _WRITTEN[name] for k, name in enumerate(self.inputs) if name in _WRITTEN
+            k: _WRITTEN[name]
+            for k, name in enumerate(self.inputs)
+            if name in _WRITTEN and (name != "param" or self.apply_to_params)
         }
 
     def split(self, leaf: Sequence[Any]) -> tuple[Any, Any, Any, Any, Any]:
         """(param or None, grad, mu, nu, nu_max) of one leaf's inputs."""
-        if self.apply_to_params:
+        if self.reads_param:
             return tuple(leaf)
         return (None, *leaf)
+
+    def with_terms(self, terms: Terms) -> Operands:
+        return dataclasses.replace(self, terms=terms)
 
 
 STEP = Operands(apply_to_params=True)

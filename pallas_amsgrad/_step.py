@@ -17,6 +17,25 @@ import optax
 from pallas_amsgrad import _implementations, _math, _sharding, _validation
 
 
+class Recipe(NamedTuple):
+    """One step's share of the training recipe's options, each None when off.
+
+    Attributes:
+      grad_scale: min(1, max_grad_norm / global norm), a scalar.
+      weight_decay: the decay rate (a schedule already evaluated).
+      decayed: per leaf of the gradients, whether it is decayed (static).
+      accept: False where the finite guard skips the step, a scalar bool.
+    """
+
+    grad_scale: jax.Array | None = None
+    weight_decay: jax.typing.ArrayLike | None = None
+    decayed: tuple[bool, ...] | None = None
+    accept: jax.Array | None = None
+
+
+NO_RECIPE = Recipe()
+
+
 class Hyperparams(NamedTuple):
     """The math of `scale_by_amsgrad`, as given (a Python float stays weak)."""
 
@@ -35,17 +54,23 @@ def _bias_correction(decay, count):
     return 1 - decay**count
 
 
-def leaf_dtypes(grad, mu, nu, nu_max, hp: Hyperparams, step_size, is_schedule):
+def leaf_dtypes(
+    grad, mu, nu, nu_max, hp: Hyperparams, step_size, is_schedule, decay=None
+):
     """optax's dtypes for (update, mu, nu, nu_max), and the compute dtype.
 
     Written out from jnp's promotion of each of optax's expressions, with the
-    hyperparameters as given (a Python float is weakly typed).
+    hyperparameters as given (a Python float is weakly typed); `decay` is
+    (weight_decay, param) for a decayed leaf. Clipping keeps the gradient's
+    dtype.
     """
     mu_new = jnp.result_type(1 - hp.b1, grad, hp.b1, mu)  # (1-b1)*g + b1*mu
     # (1-b2)*|g|**2 + b2*nu, where |g|**2 is real for a complex g.
     nu_new = jnp.result_type(1 - hp.b2, jnp.finfo(grad.dtype).dtype, hp.b2, nu)
     nu_max_new = jnp.result_type(nu_max, nu_new)  # maximum(nu_max, nu/bc)
     update = jnp.result_type(mu_new, nu_max_new, hp.eps_root, hp.eps)
+    if decay is not None:  # update + weight_decay * param
+        update = jnp.result_type(update, jnp.result_type(*decay))
     if step_size is not None and not is_schedule:  # A schedule is cast first.
         update = jnp.result_type(step_size, update)
     mu_state = hp.mu_dtype or mu_new
@@ -53,38 +78,66 @@ def leaf_dtypes(grad, mu, nu, nu_max, hp: Hyperparams, step_size, is_schedule):
     return (update, mu_state, nu_new, nu_max_new), compute
 
 
+def global_norm_and_finiteness(grads: Any) -> tuple[jax.Array, jax.Array]:
+    """(the gradients' global norm, whether every value is finite), from one
+    read of the gradients.
+
+    The norm is optax's, each leaf's sum of |g|^2 taken in at least float32.
+    That sum is finite exactly when every value is, unless finite values
+    overflow it: only then are the gradients read again to tell which.
+    """
+    leaves = jax.tree.leaves(grads)
+    total = jnp.zeros([], jnp.float32)
+    for grad in leaves:
+        wide = jnp.asarray(grad, jnp.promote_types(grad.dtype, jnp.float32))
+        total = total + jnp.sum(_math.squared_magnitude(wide))
+    finite = jax.lax.cond(
+        jnp.isfinite(total),
+        lambda: jnp.array(True),
+        lambda: jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves])),
+    )
+    return jnp.sqrt(total), finite
+
+
 def fused_update(
     grads: Any,
     state: optax.ScaleByAmsgradState,
     params: Any,
     *,
+    apply_to_params: bool,
     step_size: jax.typing.ArrayLike | None,
     is_schedule: bool,
     hp: Hyperparams,
     implementation: _implementations.Implementation,
+    recipe: Recipe = NO_RECIPE,
 ) -> tuple[Any, optax.ScaleByAmsgradState]:
-    """(updates, new state), or with `params` (new params, new state).
+    """(updates, new state), or with `apply_to_params` (new params, new state).
 
     Args:
       grads, state: the gradients and `optax.ScaleByAmsgradState`.
-      params: None for the updates; else the params they are applied to.
+      params: the params (or None where neither applied nor decayed).
+      apply_to_params: whether the outputs are the new params (`step`) rather
+        than the updates.
       step_size: -learning_rate (evaluated), or None for `scale_by_amsgrad`.
       is_schedule: whether `step_size` came from a schedule (cast, not
         promoted, as optax does).
       hp: the hyperparameters.
       implementation: runs each dtype group.
+      recipe: clipping, weight decay and skips for this step.
     """
     checked = {"state.mu": state.mu, "state.nu": state.nu, "state.nu_max": state.nu_max}
     if params is not None:
         checked["params"] = params
     _validation.check_trees(grads, checked)
-    operands = _math.STEP if params is not None else _math.UPDATE
+    step_operands = _math.STEP if apply_to_params else _math.UPDATE
     implementation = _implementations.for_device(
         implementation,
         _implementations.placed_device(jax.tree.leaves((grads, params, state))),
     )
 
     count = optax.safe_increment(state.count)
+    if recipe.accept is not None:  # A skipped step leaves the count too.
+        count = jnp.where(recipe.accept, count, state.count)
     corrections = (
         _bias_correction(hp.b1, count) if hp.bias_correction_mu else 1,
         _bias_correction(hp.b2, count) if hp.bias_correction_nu else 1,
@@ -95,6 +148,7 @@ def fused_update(
     flat_params = [None] * treedef.num_leaves
     if params is not None:
         flat_params = treedef.flatten_up_to(params)
+    decayed = recipe.decayed or (False,) * treedef.num_leaves
     groups = {}
     for index, (param, grad, mu, nu, nu_max) in enumerate(
         zip(
@@ -105,20 +159,33 @@ def fused_update(
         )
     ):
         _validation.check_complex_leaf(paths[index], grad, mu, param, hp.mu_dtype)
+        operands = step_operands.with_terms(
+            _math.Terms(
+                clip=recipe.grad_scale is not None,
+                decay=decayed[index],
+                skip=recipe.accept is not None,
+            )
+        )
         out_dtypes, compute = leaf_dtypes(
-            grad, mu, nu, nu_max, hp, step_size, is_schedule
+            grad,
+            mu,
+            nu,
+            nu_max,
+            hp,
+            step_size,
+            is_schedule,
+            (recipe.weight_decay, param) if operands.terms.decay else None,
         )
-        if param is not None:
-            out_dtypes = (param.dtype, *out_dtypes[1:])
+        if operands.reads_param:
             compute = jnp.result_type(compute, param.dtype)
-        inputs = (
-            (grad, mu, nu, nu_max) if param is None else (param, grad, mu, nu, nu_max)
-        )
-        key = (tuple(x.dtype for x in inputs), out_dtypes, compute)
+        if apply_to_params:
+            out_dtypes = (param.dtype, *out_dtypes[1:])
+        inputs = (param, grad, mu, nu, nu_max)[0 if operands.reads_param else 1 :]
+        key = (tuple(x.dtype for x in inputs), out_dtypes, compute, operands)
         groups.setdefault(key, []).append((index, inputs))
 
     results = [None] * treedef.num_leaves
-    for (_, out_dtypes, compute), members in groups.items():
+    for (_, out_dtypes, compute, operands), members in groups.items():
         coefficients = _math.Coefficients(
             step_size=1 if step_size is None else step_size,
             one_minus_b1=1 - hp.b1,
@@ -129,6 +196,9 @@ def fused_update(
             eps_root=hp.eps_root,
             inverse_bias_correction_mu=1 / jnp.asarray(corrections[0], compute),
             inverse_bias_correction_nu=1 / jnp.asarray(corrections[1], compute),
+            grad_scale=1 if recipe.grad_scale is None else recipe.grad_scale,
+            weight_decay=0 if recipe.weight_decay is None else recipe.weight_decay,
+            accept=1 if recipe.accept is None else recipe.accept,
         )
         outputs = _sharding.per_shard(
             # The kernels are written for real dtypes: complex leaves take

@@ -117,54 +117,192 @@ class _ScaleByAmsgradUpdate:
 
     def __call__(self, updates, state, params=None, **extra_args):
         del params, extra_args  # The update does not depend on them.
-        return self.run(updates, state, None)
+        return self.run(updates, state, None, apply_to_params=False)
 
-    def run(self, grads, state, params, step_size=None, is_schedule=False):
+    def run(
+        self,
+        grads,
+        state,
+        params,
+        *,
+        apply_to_params,
+        step_size=None,
+        is_schedule=False,
+        recipe=_step.NO_RECIPE,
+    ):
         return _step.fused_update(
             grads,
             state,
             params,
+            apply_to_params=apply_to_params,
             step_size=step_size,
             is_schedule=is_schedule,
             hp=self.hp,
             implementation=self.implementation,
+            recipe=recipe,
         )
 
 
-def _with_learning_rate(
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Options:
+    """The training recipe's options of `amsgrad`, as given (checked)."""
+
+    weight_decay: Any = 0.0
+    mask: Any = None
+    max_grad_norm: Any = None
+    max_consecutive_errors: Any = None
+
+    @property
+    def clips(self) -> bool:
+        return self.max_grad_norm is not None
+
+    @property
+    def decays(self) -> bool:
+        """A Python 0 adds no decay term (as optax); any array does, so that
+        `inject_hyperparams` can change it."""
+        wd = self.weight_decay
+        return not (isinstance(wd, int | float) and wd == 0)
+
+    @property
+    def skips(self) -> bool:
+        return self.max_consecutive_errors is not None
+
+
+def _advanced(part, accept):
+    """A schedule's state (possibly masked) one step on, unless skipped."""
+    if isinstance(part, optax.MaskedState):
+        return part._replace(inner_state=_advanced(part.inner_state, accept))
+    if "count" not in getattr(part, "_fields", ()):
+        return part
+    count = optax.safe_increment(part.count)
+    if accept is not None:
+        count = jnp.where(accept, count, part.count)
+    return part._replace(count=count)
+
+
+def _schedule_count(part):
+    """The count of a (possibly masked) schedule's state."""
+    if isinstance(part, optax.MaskedState):
+        return _schedule_count(part.inner_state)
+    return part.count
+
+
+def _training_step(
     learning_rate: optax.ScalarOrSchedule,
     scale: optax.GradientTransformationExtraArgs,
+    options: _Options,
 ) -> GradientTransformationWithStep:
-    """`chain(scale, scale_by_learning_rate(learning_rate))`, fused: the state
-    is the chain's, and the step size reaches the kernel as a runtime scalar."""
+    """The optax composition, fused into the one pass of `scale`'s kernel:
+
+        inner = chain(clip_by_global_norm(max_grad_norm),     # options.clips
+                      scale,
+                      add_decayed_weights(weight_decay, mask), # options.decays
+                      scale_by_learning_rate(learning_rate))
+        apply_if_finite(inner, max_consecutive_errors)         # options.skips
+
+    The state is the composition's; the step size, clip factor, decay rate
+    and skip flag reach the kernel as runtime scalars.
+    """
     is_schedule = callable(learning_rate)
     run = scale.update.run
+    decay = (
+        optax.add_decayed_weights(options.weight_decay, options.mask)
+        if options.decays
+        else None
+    )
+    amsgrad_index = 1 if options.clips else 0
 
     def init_fn(params):
-        lr_state = (
+        parts = [optax.EmptyState()] if options.clips else []
+        parts.append(scale.init(params))
+        if decay is not None:
+            if options.mask is not None:  # Named errors before optax's own.
+                mask = options.mask
+                _validation.decayed_leaves(
+                    mask(params) if callable(mask) else mask, params
+                )
+            parts.append(decay.init(params))
+        parts.append(
             optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
             if is_schedule
             else optax.EmptyState()
         )
-        return (scale.init(params), lr_state)
+        if not options.skips:
+            return tuple(parts)
+        return optax.ApplyIfFiniteState(
+            notfinite_count=jnp.zeros([], jnp.int32),
+            last_finite=jnp.array(True, jnp.bool_),
+            total_notfinite=jnp.zeros([], jnp.int32),
+            inner_state=tuple(parts),
+        )
 
-    def fused(grads, state, params):
-        amsgrad_state, lr_state = state
+    def fused(grads, state, params, apply_to_params):
+        inner = list(state.inner_state if options.skips else state)
+        amsgrad_state, lr_state = inner[amsgrad_index], inner[-1]
+        recipe = {}
+        if options.clips or options.skips:
+            norm, finite = _step.global_norm_and_finiteness(grads)
+        if options.clips:
+            max_norm = options.max_grad_norm
+            recipe["grad_scale"] = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        accept = None
+        if options.skips:
+            notfinite_count = jnp.where(
+                finite,
+                jnp.zeros([], jnp.int32),
+                optax.safe_increment(state.notfinite_count),
+            )
+            accept = finite | (notfinite_count > options.max_consecutive_errors)
+            recipe["accept"] = accept
+        if decay is not None:
+            if params is None:
+                raise ValueError(
+                    "amsgrad(weight_decay=...) decays the params, but params=None: "
+                    "call update(grads, state, params)"
+                )
+            weight_decay = options.weight_decay
+            if callable(weight_decay):  # At its own count, before the increment.
+                weight_decay = weight_decay(_schedule_count(inner[amsgrad_index + 1]))
+            mask = options.mask
+            if mask is None:
+                decayed = (True,) * len(jax.tree.leaves(grads))
+            else:
+                decayed = _validation.decayed_leaves(
+                    mask(grads) if callable(mask) else mask, grads
+                )
+            recipe |= {"weight_decay": weight_decay, "decayed": decayed}
         if is_schedule:  # Evaluated at its own count, before the increment.
             step_size = -1 * learning_rate(lr_state.count)
-            lr_state = optax.ScaleByScheduleState(
-                count=optax.safe_increment(lr_state.count)
-            )
         else:
             step_size = -1 * learning_rate
-        result, amsgrad_state = run(
-            grads, amsgrad_state, params, step_size, is_schedule
+        result, inner[amsgrad_index] = run(
+            grads,
+            amsgrad_state,
+            params,
+            apply_to_params=apply_to_params,
+            step_size=step_size,
+            is_schedule=is_schedule,
+            recipe=_step.Recipe(**recipe),
         )
-        return result, (amsgrad_state, lr_state)
+        inner[amsgrad_index + 1 :] = [
+            _advanced(part, accept) for part in inner[amsgrad_index + 1 :]
+        ]
+        if not options.skips:
+            return result, tuple(inner)
+        return result, optax.ApplyIfFiniteState(
+            notfinite_count=notfinite_count,
+            last_finite=finite,
+            total_notfinite=jnp.where(
+                finite,
+                state.total_notfinite,
+                optax.safe_increment(state.total_notfinite),
+            ),
+            inner_state=tuple(inner),
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args  # The update does not depend on them.
-        return fused(updates, state, None)
+        del extra_args  # The update does not depend on them.
+        return fused(updates, state, params if decay is not None else None, False)
 
     def step_fn(grads, state, params):
         if params is None:
@@ -173,7 +311,7 @@ def _with_learning_rate(
                 "params=None; pass the params, or call update(grads, state) "
                 "for the updates alone"
             )
-        return fused(grads, state, params)
+        return fused(grads, state, params, True)
 
     return GradientTransformationWithStep(init_fn, update_fn, step_fn)
 
@@ -234,6 +372,10 @@ def amsgrad(
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
     *,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
+    max_grad_norm: jax.typing.ArrayLike | None = None,
+    max_consecutive_errors: int | None = None,
     implementation: ImplementationArg = None,
     block_sizes: BlockSizes | None = None,
 ) -> GradientTransformationWithStep:
@@ -242,10 +384,36 @@ def amsgrad(
     `init` returns optax's state exactly (`(ScaleByAmsgradState, EmptyState())`,
     or `ScaleByScheduleState` for a schedule), so checkpoints move both ways.
 
+    The training recipe's options (off by default) fold clipping, decoupled
+    weight decay and non-finite skips into the same pass. With any of them,
+    the optimizer is exactly this optax composition, and has its state:
+
+        inner = optax.chain(
+            optax.clip_by_global_norm(max_grad_norm),        # if not None
+            optax.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, ...),
+            optax.add_decayed_weights(weight_decay, mask),   # unless a Python 0
+            optax.scale_by_learning_rate(learning_rate),
+        )
+        optax.apply_if_finite(inner, max_consecutive_errors)  # if not None
+
+    except that it computes in at least float32 and rounds once, and that a
+    skipped step returns zero updates of the update's dtype (optax's
+    `apply_if_finite` fails where that differs from the gradients' dtype).
+
     Args:
       learning_rate: a scalar or a schedule of the step count.
       b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu:
         as in `optax.amsgrad`.
+      weight_decay: decoupled weight decay (AdamW's): the update becomes
+        `-lr * (direction + weight_decay * param)`; a non-negative scalar or a
+        schedule. `update` then needs the params.
+      mask: which leaves are decayed: a pytree of bools (a prefix of the
+        params'), or a callable of the gradients returning one; None: all.
+      max_grad_norm: gradients are scaled by min(1, max_grad_norm / global
+        norm) before the moments; a positive scalar.
+      max_consecutive_errors: when an int (at least 1), a step whose
+        gradients hold a NaN or inf changes nothing (zero updates, params and
+        moments kept), until more than this many such steps come in a row.
       implementation: "pallas", "xla", an implementation object or None (see
         `scale_by_amsgrad`).
       block_sizes: overrides the kernel's per-platform default block sizes.
@@ -264,6 +432,12 @@ def amsgrad(
       [0.99700004 1.997      2.997     ]
     """
     _validation.check_learning_rate(learning_rate)
+    _validation.check_weight_decay(weight_decay)
+    _validation.check_mask(mask)
+    if max_grad_norm is not None:
+        _validation.check_non_negative("max_grad_norm", max_grad_norm, allow_zero=False)
+    _validation.check_max_consecutive_errors(max_consecutive_errors)
+    options = _Options(weight_decay, mask, max_grad_norm, max_consecutive_errors)
     scale = scale_by_amsgrad(
         b1,
         b2,
@@ -275,4 +449,4 @@ def amsgrad(
         implementation=implementation,
         block_sizes=block_sizes,
     )
-    return _with_learning_rate(learning_rate, scale)
+    return _training_step(learning_rate, scale, options)

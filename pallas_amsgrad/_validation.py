@@ -113,3 +113,79 @@ def check_complex_leaf(path: str, grad, mu, param, mu_dtype) -> None:
             f"{described} but params{path} is real ({jnp.result_type(param)}): "
             "the update's imaginary part would be dropped"
         )
+
+
+def _concrete(value: Any) -> Any:
+    """The value as a NumPy scalar where it is known at trace time, else None."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return np.asarray(value)
+
+
+def check_non_negative(name: str, value: Any, *, allow_zero: bool = True) -> None:
+    """A real scalar, not negative (nor zero unless `allow_zero`) where known."""
+    check_scalar(name, value)
+    concrete = _concrete(value)
+    if concrete is not None and (concrete < 0 or (not allow_zero and concrete == 0)):
+        sign = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name}={value!r} must be {sign}")
+
+
+def check_weight_decay(weight_decay: Any) -> None:
+    if callable(weight_decay):
+        return
+    try:
+        check_non_negative("weight_decay", weight_decay)
+    except TypeError as error:
+        raise TypeError(
+            f"{error}, or a schedule (a callable of the step count)"
+        ) from None
+
+
+def check_max_consecutive_errors(value: Any) -> None:
+    """None, or an integer of at least 1 (where known at trace time)."""
+    if value is None:
+        return
+    dtype = jnp.result_type(value) if not isinstance(value, bool) else None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.ndim(value):
+        raise TypeError(
+            f"max_consecutive_errors={value!r} must be an integer (or None)"
+        )
+    concrete = _concrete(value)
+    if concrete is not None and concrete < 1:
+        raise ValueError(
+            f"max_consecutive_errors={value!r} must be at least 1: the number "
+            "of consecutive non-finite steps skipped before one is applied"
+        )
+
+
+def check_mask(mask: Any) -> None:
+    """None, a callable, or a pytree whose leaves are all Python/NumPy bools."""
+    if mask is None or callable(mask):
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
+        if not isinstance(leaf, bool | np.bool_):
+            raise TypeError(
+                f"mask{jax.tree_util.keystr(path)}={leaf!r} must be a bool: a mask "
+                "is a pytree of True (decayed) and False, or a callable of the "
+                "params returning one"
+            )
+
+
+def decayed_leaves(mask_tree: Any, grads: Any) -> tuple[bool, ...]:
+    """Per leaf of `grads`, its mask value: `mask_tree` is a prefix of the
+    gradients' structure, each of its bools covering a whole subtree."""
+    check_mask(mask_tree)
+    mask_leaves, mask_def = jax.tree_util.tree_flatten(mask_tree)
+    try:
+        subtrees = mask_def.flatten_up_to(grads)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"mask has the structure {mask_def}, which is not a prefix of the "
+            f"gradients' (and params') {jax.tree.structure(grads)}: {error}"
+        ) from None
+    return tuple(
+        bool(flag)
+        for flag, subtree in zip(mask_leaves, subtrees, strict=True)
+        for _ in jax.tree.leaves(subtree)
+    )

@@ -4,6 +4,20 @@ Mirrors `optax.amsgrad` of optax 0.2.8 (Reddi et al., "On the Convergence of
 Adam and Beyond"). One small function per equation; `update`, `apply` and
 `step` compose them over a pytree. Plain `jax.numpy` only.
 
+With the options of a training recipe (`weight_decay`, `mask`,
+`max_grad_norm`, `max_consecutive_errors`) it mirrors the optax composition
+
+    inner = chain(clip_by_global_norm(max_grad_norm),      # if max_grad_norm
+                  scale_by_amsgrad(...),
+                  add_decayed_weights(weight_decay, mask),  # unless a Python 0
+                  scale_by_learning_rate(learning_rate))
+    apply_if_finite(inner, max_consecutive_errors)          # if an int
+
+with one difference, where optax's composition fails: a skipped step returns
+zero updates of the update's dtype, and the old moments in the new moments'
+dtypes (optax's `apply_if_finite` returns the gradients' dtype and the old
+state's, which `lax.cond` refuses when they differ).
+
 Precision rule
 --------------
 * Output dtypes are optax's, exactly. They are obtained by evaluating the same
@@ -45,9 +59,21 @@ class AmsgradState(NamedTuple):
     nu_max: Any  # Running elementwise maximum of the (debiased) second moment.
 
 
-@dataclasses.dataclass(frozen=True)
+class FiniteGuardState(NamedTuple):
+    """The state with `max_consecutive_errors`: field for field
+    `optax.ApplyIfFiniteState`, around the AMSGrad state."""
+
+    notfinite_count: jax.Array  # int32 consecutive steps with a NaN or inf.
+    last_finite: jax.Array  # bool: whether the last step's gradients were finite.
+    total_notfinite: jax.Array  # int32 such steps in all; never reset.
+    inner_state: AmsgradState
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # A mask pytree is not hashable.
 class Hyperparams:
-    """The eight hyperparameters of `optax.amsgrad`, with its defaults."""
+    """The eight hyperparameters of `optax.amsgrad`, with its defaults, and
+    the recipe's options (off by default). Hashed by identity, as a static
+    jit argument."""
 
     learning_rate: jax.typing.ArrayLike | Schedule
     b1: jax.typing.ArrayLike = 0.9
@@ -57,6 +83,22 @@ class Hyperparams:
     mu_dtype: Any = None
     bias_correction_mu: bool = True
     bias_correction_nu: bool = True
+    # Decoupled weight decay, as `optax.add_decayed_weights(weight_decay, mask)`:
+    # a scalar or a schedule; a Python 0 adds no term at all.
+    weight_decay: jax.typing.ArrayLike | Schedule = 0.0
+    # A pytree of bools (a prefix of the params') or a callable of the
+    # gradients returning one: True where the decay applies.
+    mask: Any = None
+    # As `optax.clip_by_global_norm(max_grad_norm)`, before the moments.
+    max_grad_norm: jax.typing.ArrayLike | None = None
+    # As `optax.apply_if_finite(..., max_consecutive_errors)`.
+    max_consecutive_errors: int | None = None
+
+    @property
+    def decays(self) -> bool:
+        """Whether the decay term exists: anything but a Python 0."""
+        wd = self.weight_decay
+        return not (isinstance(wd, (int, float)) and wd == 0)
 
 
 # --- The equations, one per function. ---------------------------------------
@@ -135,6 +177,45 @@ def step_size_at(learning_rate, count):
     return -1 * learning_rate
 
 
+def global_norm(grads):
+    """||g|| = sqrt(sum over leaves of sum |g|^2), each leaf's sum computed in
+    at least float32 and the leaves' sums added in order."""
+    total = 0
+    for grad in jax.tree.leaves(grads):
+        total = total + jnp.sum(
+            squared_magnitude(jnp.asarray(grad, compute_dtype(grad.dtype)))
+        )
+    return jnp.sqrt(total)
+
+
+def clip(grad, norm, max_norm):
+    """g' = g where ||g|| < max_norm, else (g / ||g||) * max_norm."""
+    return jnp.where(norm < max_norm, grad, (grad / norm.astype(grad.dtype)) * max_norm)
+
+
+def decay_weights(update, param, weight_decay):
+    """u' = u + weight_decay * p, before the step size (decoupled decay)."""
+    return update + weight_decay * param
+
+
+def all_finite(grads):
+    """Whether every gradient value is finite (no NaN, no inf)."""
+    return jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+
+
+def consecutive_errors(notfinite_count, finite):
+    """n_t = 0 after finite gradients, else n_{t-1} + 1 (saturating)."""
+    return jnp.where(finite, jnp.zeros([], jnp.int32), increment_count(notfinite_count))
+
+
+def accepts(finite, notfinite_count, max_consecutive_errors):
+    """A step applies when its gradients are finite, or when more than
+    `max_consecutive_errors` steps in a row were not (the guard gives up)."""
+    return finite | (notfinite_count > max_consecutive_errors)
+
+
 def apply_update(param, update):
     """p_t = p_{t-1} + u_t, returned in the parameter's dtype."""
     return jnp.asarray(param + update).astype(jnp.asarray(param).dtype)
@@ -143,15 +224,19 @@ def apply_update(param, update):
 # --- Composition over one leaf, then over pytrees. ---------------------------
 
 
-def _leaf_equations(grad, mu, nu, nu_max, corrections, step_size, hp):
+def _leaf_equations(grad, mu, nu, nu_max, param, scalars, hp, decayed):
     """All equations for one leaf, in whatever dtypes the inputs carry."""
-    bc_mu, bc_nu = corrections
+    (bc_mu, bc_nu), step_size, norm, weight_decay = scalars
+    if hp.max_grad_norm is not None:
+        grad = clip(grad, norm, hp.max_grad_norm)
     mu = first_moment(grad, mu, hp.b1)
     nu = second_moment(grad, nu, hp.b2)
     nu_eff = debias(nu, bc_nu) if hp.bias_correction_nu else nu
     nu_max = running_max(nu_max, nu_eff)
     mu_hat = debias(mu, bc_mu) if hp.bias_correction_mu else mu
     update = direction(mu_hat, nu_max, hp.eps, hp.eps_root)
+    if decayed:
+        update = decay_weights(update, param, weight_decay)
     if hp.learning_rate is not None:
         update = scale_by_step_size(update, step_size, callable(hp.learning_rate))
     return update, mu, nu, nu_max
@@ -162,16 +247,18 @@ def compute_dtype(*dtypes):
     return jnp.result_type(*dtypes, jnp.float32)
 
 
-def _leaf_exact(grad, mu, nu, nu_max, corrections, step_size, hp):
+def _leaf_exact(grad, mu, nu, nu_max, param, scalars, hp, decayed):
     """(values in the compute dtype, optax's output dtypes) for one leaf."""
 
-    def equations(grad, mu, nu, nu_max, corrections, step_size):
-        return _leaf_equations(grad, mu, nu, nu_max, corrections, step_size, hp)
+    def equations(grad, mu, nu, nu_max, param, scalars):
+        return _leaf_equations(grad, mu, nu, nu_max, param, scalars, hp, decayed)
 
-    out_types = jax.eval_shape(equations, grad, mu, nu, nu_max, corrections, step_size)
+    out_types = jax.eval_shape(equations, grad, mu, nu, nu_max, param, scalars)
     dtype = compute_dtype(*(t.dtype for t in out_types))
     widened = [jnp.asarray(x, dtype) for x in (grad, mu, nu, nu_max)]
-    values = equations(*widened, corrections, step_size)
+    if decayed:
+        param = jnp.asarray(param, dtype)
+    values = equations(*widened, param, scalars)
     return values, [t.dtype for t in out_types]
 
 
@@ -189,20 +276,63 @@ def init(params, mu_dtype=None) -> AmsgradState:
     )
 
 
-def _exact_step(grads, state, hp):
+def init_state(params, hp: Hyperparams) -> AmsgradState | FiniteGuardState:
+    """`init`, inside a `FiniteGuardState` (no errors yet) when `hp` skips
+    non-finite steps."""
+    state = init(params, hp.mu_dtype)
+    if hp.max_consecutive_errors is None:
+        return state
+    return FiniteGuardState(
+        notfinite_count=jnp.zeros([], jnp.int32),
+        last_finite=jnp.array(True),
+        total_notfinite=jnp.zeros([], jnp.int32),
+        inner_state=state,
+    )
+
+
+def decay_mask(grads, hp: Hyperparams) -> list[bool]:
+    """Per leaf of `grads`, whether the weight decay applies to it."""
+    if not hp.decays:
+        return [False] * len(jax.tree.leaves(grads))
+    if hp.mask is None:
+        return [True] * len(jax.tree.leaves(grads))
+    mask = hp.mask(grads) if callable(hp.mask) else hp.mask
+    # Each mask leaf covers its whole subtree of grads.
+    spread = jax.tree.map(
+        lambda m, subtree: jax.tree.map(lambda _: bool(m), subtree), mask, grads
+    )
+    return jax.tree.leaves(spread)
+
+
+def _exact_step(grads, state, params, hp):
     """Per-leaf (values in the compute dtype, optax's dtypes) and the new count."""
     count = increment_count(state.count)
     corrections = (bias_correction(hp.b1, count), bias_correction(hp.b2, count))
     step_size = None
     if hp.learning_rate is not None:
         step_size = step_size_at(hp.learning_rate, state.count)
+    norm = global_norm(grads) if hp.max_grad_norm is not None else None
+    weight_decay = hp.weight_decay
+    if callable(weight_decay):  # Evaluated at its own count, before the increment.
+        weight_decay = weight_decay(state.count)
+    scalars = (corrections, step_size, norm, weight_decay)
     treedef = jax.tree.structure(grads)
     moments = [
         treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)
     ]
+    decayed = decay_mask(grads, hp)
+    if any(decayed) and params is None:
+        raise ValueError(
+            "weight decay needs the params: update(grads, state, hp, params)"
+        )
+    flat_params = (
+        treedef.flatten_up_to(params) if params is not None else [None] * len(decayed)
+    )
     leaves = [
-        _leaf_exact(g, m, n, v, corrections, step_size, hp)
-        for g, m, n, v in zip(jax.tree.leaves(grads), *moments, strict=True)
+        _leaf_exact(g, m, n, v, p, scalars, hp, d)
+        for g, m, n, v, p, d in zip(
+            jax.tree.leaves(grads), *moments, flat_params, decayed, strict=True
+        )
     ]
     return treedef, leaves, count
 
@@ -226,17 +356,49 @@ def _rounded_state(treedef, leaves, count, hp) -> AmsgradState:
     )
 
 
-def update(grads, state: AmsgradState, hp: Hyperparams):
-    """One AMSGrad step: (updates, new_state), as `optax.amsgrad(...).update`.
+def _guarded(grads, state, hp, run):
+    """`run(inner_state, accept) -> (first, new inner_state)` behind the
+    finite guard; `run` makes `first` (updates or params) what a rejected
+    step gives, and the old inner state is kept, in the new state's dtypes."""
+    if hp.max_consecutive_errors is None:
+        return run(state, None)
+    finite = all_finite(grads)
+    notfinite_count = consecutive_errors(state.notfinite_count, finite)
+    accept = accepts(finite, notfinite_count, hp.max_consecutive_errors)
+    first, inner = run(state.inner_state, accept)
+    kept = jax.tree.map(
+        lambda new, old: jnp.where(accept, new, jnp.asarray(old, new.dtype)),
+        inner,
+        state.inner_state,
+    )
+    return first, FiniteGuardState(
+        notfinite_count=notfinite_count,
+        last_finite=finite,
+        total_notfinite=jnp.where(
+            finite, state.total_notfinite, increment_count(state.total_notfinite)
+        ),
+        inner_state=kept,
+    )
+
+
+def update(grads, state, hp: Hyperparams, params=None):
+    """One AMSGrad step: (updates, new_state), as `optax.amsgrad(...).update`
+    (the composition above with options).
 
     With `hp.learning_rate=None` the updates are `optax.scale_by_amsgrad`'s
-    (no step size, no sign flip).
+    (no step size, no sign flip). `params` are needed for weight decay only.
+    `state` is an `AmsgradState`, or a `FiniteGuardState` when `hp` skips
+    non-finite steps.
     """
-    treedef, leaves, count = _exact_step(grads, state, hp)
-    updates = treedef.unflatten(
-        [values[0].astype(dtypes[0]) for values, dtypes in leaves]
-    )
-    return updates, _rounded_state(treedef, leaves, count, hp)
+
+    def run(inner, accept):
+        treedef, leaves, count = _exact_step(grads, inner, params, hp)
+        updates = [values[0].astype(dtypes[0]) for values, dtypes in leaves]
+        if accept is not None:
+            updates = [jnp.where(accept, u, jnp.zeros_like(u)) for u in updates]
+        return treedef.unflatten(updates), _rounded_state(treedef, leaves, count, hp)
+
+    return _guarded(grads, state, hp, run)
 
 
 def apply(params, updates):
@@ -244,15 +406,20 @@ def apply(params, updates):
     return jax.tree.map(apply_update, params, updates)
 
 
-def step(grads, state: AmsgradState, params, hp: Hyperparams):
+def step(grads, state, params, hp: Hyperparams):
     """The fused step: (new_params, new_state).
 
     The update is added to the parameter in the compute dtype and rounded once
-    to the parameter's dtype; for float32 this equals `apply(update(...))`.
+    to the parameter's dtype; for float32 this equals `apply(update(...))`. A
+    step the finite guard rejects leaves the params exactly as they were.
     """
-    treedef, leaves, count = _exact_step(grads, state, hp)
-    new_params = [
-        apply_update(p, values[0])
-        for p, (values, _) in zip(treedef.flatten_up_to(params), leaves, strict=True)
-    ]
-    return treedef.unflatten(new_params), _rounded_state(treedef, leaves, count, hp)
+
+    def run(inner, accept):
+        treedef, leaves, count = _exact_step(grads, inner, params, hp)
+        new_params = []
+        for p, (values, _) in zip(treedef.flatten_up_to(params), leaves, strict=True):
+            new = apply_update(p, values[0])
+            new_params.append(new if accept is None else jnp.where(accept, new, p))
+        return treedef.unflatten(new_params), _rounded_state(treedef, leaves, count, hp)
+
+    return _guarded(grads, state, hp, run)

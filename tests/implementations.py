@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import optax
-import strategies
+import reference
 import tolerances
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from jax.experimental.pallas import tpu as pltpu
@@ -59,12 +58,12 @@ def with_block_sizes(implementation, block_sizes):
 
 
 def optimizer(hp, implementation, block_sizes=None):
-    """pallas_amsgrad.amsgrad with the hyperparameters of `hp`; `implementation`
-    is an object or a name from `IMPLEMENTATIONS`."""
+    """pallas_amsgrad.amsgrad with the hyperparameters and options of `hp`;
+    `implementation` is an object or a name from `IMPLEMENTATIONS`."""
     if isinstance(implementation, str):
         implementation = IMPLEMENTATIONS[implementation]
     return pallas_amsgrad.amsgrad(
-        **strategies.optax_kwargs(hp),
+        **reference.pallas_kwargs(hp),
         implementation=with_block_sizes(implementation, block_sizes),
     )
 
@@ -80,29 +79,39 @@ def check_against_spec(
 ):
     """init equals optax's (or the steps start from `state`); then per step,
     `update` and `step` from the same state within `max_ulps` of the spec, and
-    the same state from both."""
+    the same state from both (clipping and decay widen `max_ulps`,
+    see `tolerances.for_recipe`). `hp`'s recipe options are the optax
+    composition's (tests/reference.py), whose state the implementation keeps."""
     opt = optimizer(hp, implementation, block_sizes)
+    max_ulps = tolerances.for_recipe(
+        max_ulps, clips=hp.max_grad_norm is not None, decays=hp.decays
+    )
     if state is None:
         state = opt.init(params)
-        reference = optax.amsgrad(**strategies.optax_kwargs(hp)).init(params)
-        tolerances.assert_trees_equal(state, reference, "init: ")
+        tolerances.assert_trees_equal(
+            state, reference.optimizer(hp).init(params), "init: "
+        )
 
     update, step = jax.jit(opt.update), jax.jit(opt.step)
     for i, g in enumerate(grads):
         # Each step starts the spec from the implementation's own state, so
         # last-bit differences are judged per step rather than compounded.
-        spec_state = spec.AmsgradState(*state[0])
+        spec_state = reference.spec_state_of(state, hp)
         updates, new_state = update(g, state, params)
         new_params, step_state = step(g, state, params)
-        expected_updates, expected_state = spec.update(g, spec_state, hp)
+        expected_updates, expected_state = spec.update(g, spec_state, hp, params)
         expected_params, _ = spec.step(g, spec_state, params, hp)
         context = f"step {i}: "
         tolerances.assert_trees_equal(
             step_state, new_state, context + "step vs update state: "
         )
         tolerances.assert_trees_ulp_close(
-            (updates, tuple(new_state[0]), new_params),
-            (expected_updates, tuple(expected_state), expected_params),
+            (updates, new_state, new_params),
+            (
+                expected_updates,
+                reference.optax_state_of(expected_state, hp, params),
+                expected_params,
+            ),
             max_ulps,
             context,
             scales=tolerances.summand_scales(g, spec_state, params, hp),

@@ -6,9 +6,11 @@ array size. `MAX_LEAF_SIZE` bounds every leaf.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -45,8 +47,11 @@ shapes = st.one_of(
     st.lists(st.integers(1, 64), min_size=1, max_size=3).map(tuple).filter(_shape_fits),
 )
 
-param_shapes = st.lists(shapes, min_size=2, max_size=5)
-"""Leaf shapes of a parameter tree; at least two leaves (see test_spec)."""
+param_shapes = st.lists(shapes, min_size=2, max_size=5).filter(
+    lambda leaves: sum(math.prod(s) > 0 for s in leaves) >= 2
+)
+"""Leaf shapes of a parameter tree; at least two non-empty leaves, as optax
+divides by the bias correction only then (see `spec.debias`)."""
 
 
 def as_tree(leaves):
@@ -134,18 +139,54 @@ def hyperparams(draw, mu_dtype=None, learning_rates=("constant", "schedule")):
     )
 
 
-def optax_kwargs(hp: spec.Hyperparams) -> dict:
-    """The keyword arguments of optax.amsgrad / pallas_amsgrad.amsgrad for hp."""
-    return {
-        "learning_rate": hp.learning_rate,
-        "b1": hp.b1,
-        "b2": hp.b2,
-        "eps": hp.eps,
-        "eps_root": hp.eps_root,
-        "mu_dtype": hp.mu_dtype,
-        "bias_correction_mu": hp.bias_correction_mu,
-        "bias_correction_nu": hp.bias_correction_nu,
-    }
+def _matrices_only(grads):
+    return jax.tree.map(lambda g: g.ndim >= 2, grads)
+
+
+# Masks of `as_tree`'s trees: a prefix of bools, and a callable.
+MASKS = {
+    "prefix": {"embed": False, "blocks": True},
+    "matrices": _matrices_only,
+}
+
+
+@st.composite
+def recipes(draw, hp):
+    """`hp` with the training recipe's options drawn: weight decay (a scalar
+    or a schedule, masked or not), global-norm clipping (a bound that clips
+    or does not) and non-finite skips, each on or off."""
+    weight_decay = draw(
+        st.sampled_from([0.0, 1e-2, 0.5, optax.linear_schedule(0.1, 0.0, 4)])
+    )
+    mask = draw(st.sampled_from([None, *MASKS.values()]))
+    return dataclasses.replace(
+        hp,
+        weight_decay=weight_decay,
+        mask=mask if weight_decay else None,
+        max_grad_norm=draw(st.sampled_from([None, 1e-3, 1.0, 1e6])),
+        max_consecutive_errors=draw(st.sampled_from([None, 1, 2])),
+    )
+
+
+@st.composite
+def non_finite_steps(draw, trajectory):
+    """(params, grads) with NaN or inf planted in some steps' gradients: a run
+    of consecutive bad steps, long enough to reach `max_consecutive_errors`."""
+    params, grads = trajectory
+    bad_steps = draw(st.lists(st.integers(0, len(grads) - 1), max_size=len(grads)))
+    grads = list(grads)
+    for step in set(bad_steps):
+        leaves, treedef = jax.tree.flatten(grads[step])
+        sized = [k for k, leaf in enumerate(leaves) if leaf.size]
+        if not sized:
+            break
+        leaf = draw(st.sampled_from(sized))
+        position = draw(st.integers(0, leaves[leaf].size - 1))
+        value = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        flat = leaves[leaf].reshape(-1).at[position].set(value)
+        leaves[leaf] = flat.reshape(leaves[leaf].shape)
+        grads[step] = treedef.unflatten(leaves)
+    return params, grads
 
 
 PARAM_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]

@@ -154,3 +154,63 @@ def test_complex_gradient_for_a_real_param():
         match=r"grads\['c'\] is complex \(complex64\) but params\['c'\] is real \(float32\)",
     ):
         opt.step(grads, state, real_params)
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (
+            {"weight_decay": -0.1},
+            ValueError,
+            r"weight_decay=-0\.1 must be non-negative",
+        ),
+        ({"weight_decay": jnp.ones(2)}, TypeError, r"weight_decay must be a scalar"),
+        ({"weight_decay": "0.1"}, TypeError, r"weight_decay='0\.1' must be a scalar"),
+        ({"max_grad_norm": -1.0}, ValueError, r"max_grad_norm=-1\.0 must be positive"),
+        ({"max_grad_norm": 0.0}, ValueError, r"max_grad_norm=0\.0 must be positive"),
+        ({"max_grad_norm": jnp.ones(3)}, TypeError, r"max_grad_norm must be a scalar"),
+        (
+            {"max_consecutive_errors": 0},
+            ValueError,
+            r"max_consecutive_errors=0 must be at least 1",
+        ),
+        (
+            {"max_consecutive_errors": 2.5},
+            TypeError,
+            r"max_consecutive_errors=2\.5 must be an integer",
+        ),
+        (
+            {"max_consecutive_errors": True},
+            TypeError,
+            r"max_consecutive_errors=True must be an integer",
+        ),
+        (
+            {"weight_decay": 0.1, "mask": {"layer": "yes"}},
+            TypeError,
+            r"mask\['layer'\]='yes' must be a bool",
+        ),
+    ],
+    ids=repr,
+)
+def test_recipe_options_validated(options, error, message):
+    with pytest.raises(error, match=message):
+        pallas_amsgrad.amsgrad(0.1, **options)
+
+
+@pytest.mark.parametrize("callable_mask", [False, True], ids=["tree", "callable"])
+def test_mask_must_be_a_prefix_of_the_params(callable_mask):
+    mask = {"other": True}
+    opt = pallas_amsgrad.amsgrad(
+        0.1, weight_decay=0.1, mask=(lambda _: mask) if callable_mask else mask
+    )
+    with pytest.raises(ValueError, match=r"mask has the structure .* not a prefix"):
+        opt.init(params())
+
+
+def test_update_without_params_refused_when_decaying(implementation):
+    opt = pallas_amsgrad.amsgrad(0.1, weight_decay=0.1, implementation=implementation)
+    state = opt.init(params())
+    with pytest.raises(
+        ValueError, match=r"weight_decay=\.\.\.\) decays the params, but params=None"
+    ):
+        jax.jit(opt.update).trace(params(), state)

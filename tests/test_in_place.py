@@ -42,14 +42,16 @@ def _train_step(opt):
     return jax.jit(train_step, donate_argnums=(0, 1))
 
 
-def _abstract(dtype, mu_dtype, implementation="pallas"):
-    opt = pallas_amsgrad.amsgrad(1e-3, mu_dtype=mu_dtype, implementation=implementation)
+def _abstract(dtype, mu_dtype, implementation="pallas", **options):
+    opt = pallas_amsgrad.amsgrad(
+        1e-3, mu_dtype=mu_dtype, implementation=implementation, **options
+    )
     params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in SHAPES.items()}
     return opt, params, jax.eval_shape(opt.init, params)
 
 
-def _export(platform, dtype, mu_dtype):
-    opt, params, state = _abstract(dtype, mu_dtype)
+def _export(platform, dtype, mu_dtype, **options):
+    opt, params, state = _abstract(dtype, mu_dtype, **options)
     exported = jax.export.export(_train_step(opt), platforms=[platform])
     return exported(params, state, params).mlir_module()
 
@@ -99,6 +101,70 @@ def test_no_parameter_sized_copies_around_the_kernel(platform, dtype, mu_dtype):
     )
     aliases = [int(i) for i in re.findall(r"tf\.aliasing_output = (\d+)", main)]
     assert aliases == list(range(4 * len(SHAPES) + 1)), aliases
+
+
+# The AdamW-style recipe: clipping, decay of the matrices only, skips.
+RECIPE = dict(
+    weight_decay=0.1,
+    mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree),
+    max_grad_norm=1.0,
+    max_consecutive_errors=3,
+)
+# Its minimum: the fused pass (36 bytes per float32 parameter), after one
+# read of the gradients for their norm and finiteness (4 bytes).
+RECIPE_KERNEL_BYTES = 36
+
+
+def _parameter_sized_reduces(module):
+    """(nesting depth, combiner) of each reduce whose operand has a leaf's
+    shape: depth 0 is the program itself, deeper is inside a branch."""
+    pattern = r"^( *)%\S+ = stablehlo\.reduce\(.*applies stablehlo\.(\w+) .*: \(tensor<([\dx]+)x\w+>"
+    leaf_shapes = {"x".join(map(str, s)) for s in SHAPES.values()}
+    return [
+        ((len(indent) - 4) // 2, combiner)
+        for indent, combiner, dims in re.findall(pattern, module, re.MULTILINE)
+        if dims in leaf_shapes
+    ]
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_recipe_reads_the_gradients_once_then_runs_the_fused_pass(platform):
+    """Clipping, masked decay and skips add one read of the gradients (the
+    norm and the finiteness flag from one sum per leaf) and nothing else:
+    the kernel's traffic is the plain step's, everything in place. Only a
+    non-finite (or overflowing) sum reads them again, inside the branch that
+    tells the two apart."""
+    module = _export(platform, "float32", None, **RECIPE)
+    # Two dtype groups: the decayed matrices and the undecayed vectors.
+    assert len(_custom_calls(module, platform)) == 2
+    if platform == "tpu":
+        declared = [int(b) for b in re.findall(r"bytes_accessed\\+22:(\d+)", module)]
+        assert sum(declared) == RECIPE_KERNEL_BYTES * PARAMETERS, declared
+    reduces = _parameter_sized_reduces(module)
+    assert sorted(c for depth, c in reduces if depth == 0) == ["add"] * len(SHAPES)
+    assert all(c == "and" for depth, c in reduces if depth > 0), reduces
+    for op in ("pad", "dynamic_update_slice", "slice", "gather", "scatter"):
+        assert f"stablehlo.{op} " not in module, op
+    main = next(
+        line for line in module.splitlines() if "func.func public @main" in line
+    )
+    # Every parameter-sized buffer (params, mu, nu, nu_max) is written back
+    # into a result of its shape, each into its own (jit prunes the unused
+    # input last_finite, so indices shift; scalars may take new buffers).
+    arguments, results = main.split(") -> (")
+    tensor = r"tensor<((?:\d+x)*)[a-z]\w*>"
+    result_dims = [d.rstrip("x") for d in re.findall(tensor, results)]
+    leaf_shapes = {"x".join(map(str, s)) for s in SHAPES.values()}
+    aliased = [
+        (dims.rstrip("x"), int(alias))
+        for dims, alias in re.findall(
+            tensor + r" \{tf\.aliasing_output = (\d+)", arguments
+        )
+    ]
+    sized = [(dims, alias) for dims, alias in aliased if dims in leaf_shapes]
+    assert len(sized) == 4 * len(SHAPES), aliased
+    assert len({alias for _, alias in sized}) == len(sized)
+    assert all(result_dims[alias] == dims for dims, alias in sized), sized
 
 
 def _reshapes(module):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference
 import strategies
 import tolerances
 from hypothesis import given, note
@@ -23,7 +24,7 @@ def optax_state_of(spec_state: spec.AmsgradState) -> optax.ScaleByAmsgradState:
 
 def run_optax(hp, params, grads_per_step):
     """optax.amsgrad over the steps: [(updates, ScaleByAmsgradState, params)]."""
-    opt = optax.amsgrad(**strategies.optax_kwargs(hp))
+    opt = optax.amsgrad(**reference.amsgrad_kwargs(hp))
     state = opt.init(params)
     out = []
     optax_update = jax.jit(opt.update)
@@ -156,7 +157,7 @@ def test_output_dtypes_equal_optax(dtype, mu_dtype, learning_rate):
     }[learning_rate]
     hp = spec.Hyperparams(learning_rate=lr, mu_dtype=mu_dtype)
     params = {"w": jax.ShapeDtypeStruct((3, 5), dtype)}
-    opt = optax.amsgrad(**strategies.optax_kwargs(hp))
+    opt = optax.amsgrad(**reference.amsgrad_kwargs(hp))
 
     def optax_step(grads, params):
         updates, state = opt.update(grads, opt.init(params), params)
@@ -231,7 +232,7 @@ def test_rounded_intermediates_within_ulps_of_optax(dtype, mu_dtype, data):
     params, grads = data.draw(strategies.trajectories(dtype))
     hp = data.draw(strategies.hyperparams(mu_dtype))
     note(f"{hp=}")
-    opt = optax.amsgrad(**strategies.optax_kwargs(hp))
+    opt = optax.amsgrad(**reference.amsgrad_kwargs(hp))
     ulp_dtype = _rounding_dtype(dtype, mu_dtype)
     float16_min = float(jnp.finfo(jnp.float16).smallest_normal)
     state = spec.init(params, mu_dtype)
@@ -366,7 +367,7 @@ def test_spec_at_least_as_accurate_as_optax(dtype, data):
     errors (in ULPs of the output dtype) are no larger than optax's."""
     params, grads = data.draw(strategies.trajectories(dtype))
     hp = data.draw(strategies.hyperparams(None, learning_rates=("constant",)))
-    opt = optax.amsgrad(**strategies.optax_kwargs(hp))
+    opt = optax.amsgrad(**reference.amsgrad_kwargs(hp))
     state = spec.init(params)
     spec_errors, optax_errors = [], []
     for g in grads:

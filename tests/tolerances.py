@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import reference
 
 import amsgrad_spec as spec
 from pallas_amsgrad.tools import ulps
@@ -65,6 +66,7 @@ def ulp_distance(actual, expected) -> np.ndarray:
 
 
 ulp_at = ulps.ulp_at
+for_recipe = ulps.for_recipe
 scaled_ulp_error = ulps.scaled_ulp_error
 
 
@@ -76,17 +78,21 @@ def summand_scales(grads, state, params, hp):
     error of one rounding of a summand is then one ULP at that scale, however
     much the summands cancel in the result.
     """
-    updates, new_state = spec.update(
-        jax.tree.map(jnp.abs, grads),
-        state._replace(mu=jax.tree.map(jnp.abs, state.mu)),
-        hp,
-    )
+    absolute = jax.tree.map(jnp.abs, params)
+    if isinstance(state, spec.FiniteGuardState):
+        inner = state.inner_state
+        state = state._replace(
+            inner_state=inner._replace(mu=jax.tree.map(jnp.abs, inner.mu))
+        )
+    else:
+        state = state._replace(mu=jax.tree.map(jnp.abs, state.mu))
+    updates, new_state = spec.update(jax.tree.map(jnp.abs, grads), state, hp, absolute)
     param_scales = jax.tree.map(
         lambda p, u: jnp.abs(p).astype(jnp.float32) + jnp.abs(u).astype(jnp.float32),
         params,
         updates,
     )
-    return updates, tuple(new_state), param_scales
+    return updates, reference.optax_state_of(new_state, hp, params), param_scales
 
 
 def assert_trees_ulp_close(
@@ -152,7 +158,8 @@ NORMWISE_RTOL = {
 
 
 def assert_trees_normwise_close(actual, expected, context=""):
-    """Structure and dtypes exactly, then |a - e| <= rtol * max|e| per leaf."""
+    """Structure and dtypes exactly, then |a - e| <= rtol * max|e| per leaf
+    (integer and bool leaves exactly)."""
     assert jax.tree.structure(actual) == jax.tree.structure(expected), context
     for (path, a), e in zip(
         jax.tree_util.tree_flatten_with_path(actual)[0],
@@ -161,6 +168,9 @@ def assert_trees_normwise_close(actual, expected, context=""):
     ):
         where = f"{context}{jax.tree_util.keystr(path)}"
         assert a.dtype == e.dtype, f"{where}: dtype {a.dtype} != {e.dtype}"
+        if not jnp.issubdtype(a.dtype, jnp.inexact):  # Counts and flags.
+            np.testing.assert_array_equal(a, e, err_msg=where)
+            continue
         wide = np.complex128 if np.iscomplexobj(e) else np.float64
         a64, e64 = np.asarray(a, wide), np.asarray(e, wide)
         bound = NORMWISE_RTOL[jnp.dtype(a.dtype).name] * np.max(np.abs(e64), initial=0)

@@ -1,7 +1,7 @@
 """What every Pallas kernel shares: the body, block sizes, views, aliases, cost.
 
 The body `amsgrad_kernel` loads a block of each operand, runs
-`_math.amsgrad_block` in the compute dtype and stores the results; the TPU,
+`_math.step_block` in the compute dtype and stores the results; the TPU,
 GPU and interpreted kernels differ only in how blocks reach it.
 """
 
@@ -172,28 +172,20 @@ def amsgrad_kernel(
     load: Callable = load,
     sqrt: Callable = jnp.sqrt,
 ):
-    """The body: load blocks, run `amsgrad_block` in the compute dtype, store.
+    """The body: load blocks, run `step_block` in the compute dtype, store.
 
     `refs` are a leaf's input blocks in `operands` order, then its output
     blocks.
     """
-    param_ref, grad_ref, mu_ref, nu_ref, nu_max_ref = operands.split(
-        refs[: len(operands.inputs)]
-    )
-    first_out_ref, *moment_out_refs = refs[len(operands.inputs) :]
+    in_refs, out_refs = refs[: len(operands.inputs)], refs[len(operands.inputs) :]
     dtype = coefficients_ref.dtype
     # jnp.asarray(x, dtype), not x.astype(dtype): with dtype None the first
     # keeps the block's own dtype where the second takes jnp's default float.
-    update, *moments = _math.amsgrad_block(
-        *(
-            jnp.asarray(load(ref), dtype)
-            for ref in (grad_ref, mu_ref, nu_ref, nu_max_ref)
-        ),
+    outputs = _math.step_block(
+        [jnp.asarray(load(ref), dtype) for ref in in_refs],
         _math.Coefficients.unpack(coefficients_ref),
+        operands,
         sqrt=sqrt,
     )
-    if param_ref is not None:
-        update = jnp.asarray(load(param_ref), dtype) + update
-    first_out_ref[...] = update.astype(first_out_ref.dtype)
-    for out_ref, value in zip(moment_out_refs, moments, strict=True):
+    for out_ref, value in zip(out_refs, outputs, strict=True):
         out_ref[...] = value.astype(out_ref.dtype)

@@ -141,6 +141,9 @@ def _launch(coefficients, leaves, *, out_dtypes, block_rows, operands, interpret
             per_leaf=(per_leaf_in, per_leaf_out),
             operands=operands,
             interpret=bool(interpret),
+            # A skipped step where every output is written in place need not
+            # move a byte: the aliased buffers hold what it would write.
+            skippable=operands.terms.skip and not new_outputs,
         )
 
     outputs = pl.kernel(
@@ -186,10 +189,15 @@ def _group_kernel(
     per_leaf,
     operands,
     interpret,
+    skippable,
 ):
-    """Runs the one segment this CUDA block belongs to."""
+    """Runs the one segment this CUDA block belongs to (none, if
+    `skippable`, on a step the finite guard rejects)."""
     per_leaf_in, per_leaf_out = per_leaf
     block = jax.lax.axis_index(GRID_AXIS)
+    active = True
+    if skippable:
+        active = coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
     body = functools.partial(
         common.amsgrad_kernel,
         coefficients_ref,
@@ -212,6 +220,7 @@ def _group_kernel(
             _blocks_of_height(
                 [(s, *leaf_refs(s.leaf)) for s in plan if s.rows == height],
                 block,
+                active,
                 body,
                 [buf.at[:height] for buf in in_buffers],
                 [buf.at[:height] for buf in out_buffers],
@@ -227,10 +236,10 @@ def _group_kernel(
     )
 
 
-def _blocks_of_height(members, block, body, in_buffers, out_buffers, barriers):
+def _blocks_of_height(members, block, active, body, in_buffers, out_buffers, barriers):
     """If this CUDA block is in one of the segments (all of one height; each
-    with its leaf's input and output refs): its leaf's inputs in by TMA at
-    once, the body, its outputs out by TMA."""
+    with its leaf's input and output refs) and `active`: its leaf's inputs in
+    by TMA at once, the body, its outputs out by TMA."""
     inside = [
         (block >= s.first_block) & (block < s.first_block + s.blocks)
         for s, _, _ in members
@@ -240,7 +249,7 @@ def _blocks_of_height(members, block, body, in_buffers, out_buffers, barriers):
         for s, _, _ in members
     ]
 
-    @pl.when(functools.reduce(operator.or_, inside))
+    @pl.when(functools.reduce(operator.or_, inside) & active)
     def _():
         for here, rows, (_, inputs, _) in zip(inside, windows, members, strict=True):
             _copy_in_if(here, inputs, rows, in_buffers, barriers)

@@ -134,6 +134,9 @@ def amsgrad_tpu_group(
         for i, out in common.group_aliases(views, out_dtypes, operands).items()
     }
     operand_count = sum(len(leaf) for leaf in views)
+    # A skipped step where every output is written in place need not move a
+    # byte: the aliased buffers already hold what it would write.
+    skippable = operands.terms.skip and len(aliases) == len(out_dtypes) * len(views)
     out_shape = [
         common.out_type(leaf[0].shape, dtype, [*leaf, coefficients])
         for leaf in views
@@ -147,6 +150,7 @@ def amsgrad_tpu_group(
             inputs_per_leaf=len(views[0]),
             elements=block_rows * common.LANES,
             operands=operands,
+            skippable=skippable,
         ),
         grid=(CORES,),
         in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [hbm] * operand_count,
@@ -173,11 +177,18 @@ def amsgrad_tpu_group(
 
 
 def _group_kernel(
-    coefficients_ref, *refs, view_shapes, inputs_per_leaf, elements, operands
+    coefficients_ref,
+    *refs,
+    view_shapes,
+    inputs_per_leaf,
+    elements,
+    operands,
+    skippable,
 ):
     """Streams the leaves through VMEM: one DMA loop per region of each view
     shape, over every leaf of that shape, so the body is traced once per
-    shape rather than once per leaf (a model repeats a few shapes per layer)."""
+    shape rather than once per leaf (a model repeats a few shapes per layer).
+    If `skippable`, a step the finite guard rejects streams nothing."""
     inputs = refs[: inputs_per_leaf * len(view_shapes)]
     outputs = refs[len(inputs) :]
     outputs_per_leaf = len(outputs) // len(view_shapes)
@@ -194,12 +205,15 @@ def _group_kernel(
                 outputs[outputs_per_leaf * k : outputs_per_leaf * (k + 1)],
             )
         )
+    active = None
+    if skippable:
+        active = coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
     for shape, leaves in leaves_by_shape.items():
         for region in regions(shape, elements):
-            _stream(body, leaves, region)
+            _stream(body, leaves, region, active)
 
 
-def _stream(body, leaves, region: Region):
+def _stream(body, leaves, region: Region, active=None):
     """Double-buffered DMA loop over a region's blocks in every leaf of
     `leaves` ((inputs, outputs) per leaf, all of one shape), shared by the
     cores.
@@ -212,6 +226,8 @@ def _stream(body, leaves, region: Region):
     per_core = pl.cdiv(num_blocks, CORES)
     first = pl.program_id(0) * per_core
     count = jnp.clip(num_blocks - first, 0, per_core)
+    if active is not None:
+        count = jnp.where(active, count, 0)
     first_inputs, first_outputs = leaves[0]
 
     def window(step):

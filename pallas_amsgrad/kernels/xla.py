@@ -1,6 +1,6 @@
 """The XLA path: the kernels' block math on whole arrays, no Pallas.
 
-Each leaf is `_math.amsgrad_block` on the leaf itself, which XLA fuses into
+Each leaf is `_math.step_block` on the leaf itself, which XLA fuses into
 loops (and fuses the apply into, for `step`). The reference implementation
 beside the kernels, and the default where no kernel compiles (CPU).
 """
@@ -27,17 +27,10 @@ def amsgrad_xla_group(
     c = _math.Coefficients.unpack(coefficients)
     results = []
     for leaf in leaves:
-        param, *moments = operands.split(leaf)
         # jnp.asarray(x, dtype), as in the kernel body: exactly x.astype(dtype)
         # here, without astype(None)'s fall back to jnp's default float.
-        update, *moments = _math.amsgrad_block(
-            *(jnp.asarray(x, dtype) for x in moments), c
-        )
-        if param is not None:
-            update = jnp.asarray(param, dtype) + update
+        outputs = _math.step_block([jnp.asarray(x, dtype) for x in leaf], c, operands)
         results.append(
-            tuple(
-                x.astype(d) for x, d in zip((update, *moments), out_dtypes, strict=True)
-            )
+            tuple(x.astype(d) for x, d in zip(outputs, out_dtypes, strict=True))
         )
     return results

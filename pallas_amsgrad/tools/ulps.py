@@ -27,6 +27,25 @@ IMPLEMENTATION_ULPS = {"float64": 4, "float32": 4, "bfloat16": 1, "float16": 1}
 # spec makes.
 DEPLOYED_IMPLEMENTATION_ULPS = {"float64": 8, "float32": 8, "bfloat16": 1, "float16": 1}
 
+# The recipe's terms add to either bound. Clipping: optax scales a gradient
+# as (g / norm) * max_grad_norm, two roundings, and every implementation as
+# g * scale with scale = max_grad_norm / norm, two others: the clipped
+# gradient may differ by up to 2 ULPs, its square (in nu) by 4, carried into
+# the update through mu and sqrt(nu_max). Weight decay: the direction's error
+# is carried into direction + weight_decay * param, whose rounding may then
+# flip once more. A 16-bit output still flips its final rounding at most once.
+CLIPPING_EXTRA_ULPS = {"float64": 4, "float32": 4, "bfloat16": 0, "float16": 0}
+DECAY_EXTRA_ULPS = {"float64": 1, "float32": 1, "bfloat16": 0, "float16": 0}
+
+
+def for_recipe(
+    max_ulps: dict[str, int], *, clips: bool, decays: bool
+) -> dict[str, int]:
+    """`max_ulps` for a step with clipping and/or weight decay."""
+    extras = [CLIPPING_EXTRA_ULPS] * clips + [DECAY_EXTRA_ULPS] * decays
+    return {k: v + sum(e.get(k, 0) for e in extras) for k, v in max_ulps.items()}
+
+
 # The spec against optax wherever optax rounds an intermediate below float32:
 # 16-bit leaves (every intermediate in the leaf dtype) and a 16-bit mu_dtype
 # (b1 * mu rounded to it before the sum). The spec rounds once. Counted in
@@ -52,6 +71,7 @@ def scaled_ulp_error(actual, expected, scale, dtype=None) -> np.ndarray:
     both_nan = np.isnan(a) & np.isnan(e)
     same_inf = np.isinf(a) & (a == e)
     with np.errstate(invalid="ignore"):
-        error = np.abs(a - e) / ulp_at(np.maximum(np.abs(e), np.abs(scale)), dtype)
+        # fmax: a NaN scale (from non-finite gradients) counts as no scale.
+        error = np.abs(a - e) / ulp_at(np.fmax(np.abs(e), np.abs(scale)), dtype)
     error = np.where(both_nan | same_inf, 0.0, error)
     return np.where(np.isnan(error), np.inf, error)

@@ -1,0 +1,109 @@
+"""The optax composition that a `spec.Hyperparams` stands for, and its state.
+
+`pallas_amsgrad.amsgrad(**kwargs)` and the spec both mirror it; the tests run
+it as optax's own answer.
+"""
+
+from __future__ import annotations
+
+import optax
+
+import amsgrad_spec as spec
+
+
+def amsgrad_kwargs(hp: spec.Hyperparams) -> dict:
+    """The keyword arguments of optax.amsgrad / pallas_amsgrad.amsgrad for hp,
+    without the recipe's options."""
+    return {
+        "learning_rate": hp.learning_rate,
+        "b1": hp.b1,
+        "b2": hp.b2,
+        "eps": hp.eps,
+        "eps_root": hp.eps_root,
+        "mu_dtype": hp.mu_dtype,
+        "bias_correction_mu": hp.bias_correction_mu,
+        "bias_correction_nu": hp.bias_correction_nu,
+    }
+
+
+def option_kwargs(hp: spec.Hyperparams) -> dict:
+    """The recipe's options that `hp` sets, as pallas_amsgrad.amsgrad takes them."""
+    options = {}
+    if hp.decays:
+        options["weight_decay"] = hp.weight_decay
+        if hp.mask is not None:
+            options["mask"] = hp.mask
+    if hp.max_grad_norm is not None:
+        options["max_grad_norm"] = hp.max_grad_norm
+    if hp.max_consecutive_errors is not None:
+        options["max_consecutive_errors"] = hp.max_consecutive_errors
+    return options
+
+
+def pallas_kwargs(hp: spec.Hyperparams) -> dict:
+    """Every keyword argument of pallas_amsgrad.amsgrad for hp."""
+    return amsgrad_kwargs(hp) | option_kwargs(hp)
+
+
+def optimizer(hp: spec.Hyperparams) -> optax.GradientTransformation:
+    """optax.amsgrad, or the composition of the recipe's options around it."""
+    kwargs = amsgrad_kwargs(hp)
+    learning_rate = kwargs.pop("learning_rate")
+    inner = optax.chain(
+        *(
+            [optax.clip_by_global_norm(hp.max_grad_norm)]
+            if hp.max_grad_norm is not None
+            else []
+        ),
+        optax.scale_by_amsgrad(**kwargs),
+        *([optax.add_decayed_weights(hp.weight_decay, hp.mask)] if hp.decays else []),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    if hp.max_consecutive_errors is None:
+        return inner
+    return optax.apply_if_finite(inner, hp.max_consecutive_errors)
+
+
+def _inner(state, hp):
+    return state if hp.max_consecutive_errors is None else state.inner_state
+
+
+def amsgrad_state(state, hp: spec.Hyperparams) -> optax.ScaleByAmsgradState:
+    """The AMSGrad part of the composition's state."""
+    return _inner(state, hp)[1 if hp.max_grad_norm is not None else 0]
+
+
+def spec_state_of(state, hp: spec.Hyperparams):
+    """The spec's state inside the composition's (or optax.amsgrad's)."""
+    inner = spec.AmsgradState(*amsgrad_state(state, hp))
+    if hp.max_consecutive_errors is None:
+        return inner
+    return spec.FiniteGuardState(
+        state.notfinite_count, state.last_finite, state.total_notfinite, inner
+    )
+
+
+def optax_state_of(spec_state, hp: spec.Hyperparams, params):
+    """The composition's state holding the spec's: every schedule's count is
+    the AMSGrad count (they advance together, and a skipped step stops all)."""
+    inner = _inner(spec_state, hp)
+
+    def filled(part):
+        if isinstance(part, optax.ScaleByAmsgradState):
+            return optax.ScaleByAmsgradState(*inner)
+        if isinstance(part, optax.MaskedState):
+            return optax.MaskedState(inner_state=filled(part.inner_state))
+        if "count" in getattr(part, "_fields", ()):  # A schedule's state.
+            return part._replace(count=inner.count)
+        return part
+
+    template = optimizer(hp).init(params)
+    states = tuple(filled(part) for part in _inner(template, hp))
+    if hp.max_consecutive_errors is None:
+        return states
+    return template._replace(
+        notfinite_count=spec_state.notfinite_count,
+        last_finite=spec_state.last_finite,
+        total_notfinite=spec_state.total_notfinite,
+        inner_state=states,
+    )

@@ -1,0 +1,160 @@
+"""The training recipe's options (clipping, masked weight decay, non-finite
+skips) on every implementation: against the spec per step, against the optax
+composition over a run, and their state, dtypes and bookkeeping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference
+import strategies
+import tolerances
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+from implementations import check_against_spec, optimizer
+
+import amsgrad_spec as spec
+
+# Enough for a run of bad steps past max_consecutive_errors=1 and a step after.
+RECIPE_STEPS = 4
+
+
+def _half_the_examples():
+    return settings(max_examples=max(2, settings.default.max_examples // 2))
+
+
+@_half_the_examples()
+@given(data=st.data())
+@pytest.mark.parametrize(
+    "mu_dtype", strategies.MU_DTYPES, ids=lambda d: f"mu={d and jnp.dtype(d).name}"
+)
+@pytest.mark.parametrize(
+    "dtype", strategies.PARAM_DTYPES, ids=lambda d: jnp.dtype(d).name
+)
+def test_recipe_matches_spec(implementation, dtype, mu_dtype, data):
+    """Every option drawn, over steps with NaN and inf gradients among them."""
+    params, grads = data.draw(
+        strategies.non_finite_steps(
+            data.draw(strategies.trajectories(dtype, steps=RECIPE_STEPS))
+        )
+    )
+    hp = data.draw(strategies.recipes(data.draw(strategies.hyperparams(mu_dtype))))
+    note(f"{hp=}")
+    check_against_spec(implementation, params, grads, hp)
+
+
+def _model_params():
+    keys = jax.random.split(jax.random.key(0), 3)
+    return {
+        "dense": {
+            "w": jax.random.normal(keys[0], (16, 32)),
+            "b": jnp.zeros(32),
+        },
+        "out": {"w": jax.random.normal(keys[1], (32, 4)), "b": jnp.zeros(4)},
+    }
+
+
+def _loss(params, x, y):
+    hidden = jnp.tanh(x @ params["dense"]["w"] + params["dense"]["b"])
+    return jnp.mean((hidden @ params["out"]["w"] + params["out"]["b"] - y) ** 2)
+
+
+RECIPE = spec.Hyperparams(
+    learning_rate=optax.cosine_decay_schedule(3e-3, 100),
+    weight_decay=0.1,
+    mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree),
+    max_grad_norm=0.5,
+    max_consecutive_errors=2,
+)
+
+
+def _bits(tree):
+    return [
+        np.asarray(x).view(f"uint{x.dtype.itemsize * 8}") for x in jax.tree.leaves(tree)
+    ]
+
+
+def test_skipped_steps_change_nothing_until_given_up(implementation):
+    """Two NaN steps in a row are skipped: params (-0.0 included) and moments
+    bit for bit as they were, zero updates, every count held; the third is
+    applied (the guard gives up); a finite step resets the run."""
+    hp = dataclasses.replace(RECIPE, max_consecutive_errors=2)
+    opt = optimizer(hp, implementation)
+    params = {"w": jnp.array([[-0.0, 1.5, -2.0], [0.0, 3.0, -1.0]]), "b": -jnp.ones(3)}
+    state = opt.init(params)
+    step, update = jax.jit(opt.step), jax.jit(opt.update)
+    good = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), good)
+    params, state = step(good, state, params)
+    for skipped in (1, 2):
+        updates, update_state = update(bad, state, params)
+        new_params, new_state = step(bad, state, params)
+        tolerances.assert_trees_equal(update_state, new_state)
+        assert all(
+            np.array_equal(a, b)
+            for a, b in zip(_bits(new_params), _bits(params), strict=True)
+        )
+        for leaf in jax.tree.leaves(updates):
+            np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+        assert all(
+            np.array_equal(a, b)
+            for a, b in zip(
+                _bits(new_state.inner_state), _bits(state.inner_state), strict=True
+            )
+        )
+        assert int(new_state.notfinite_count) == skipped
+        assert int(new_state.total_notfinite) == skipped
+        assert not bool(new_state.last_finite)
+        params, state = new_params, new_state
+    count = int(reference.amsgrad_state(state, hp).count)
+    params, state = step(bad, state, params)  # A third in a row: applied.
+    assert int(reference.amsgrad_state(state, hp).count) == count + 1
+    assert int(state.inner_state[-1].count) == count + 1  # The schedule's too.
+    assert np.isnan(np.asarray(params["w"])).any()
+    _, state = step(good, state, params)
+    assert int(state.notfinite_count) == 0 and int(state.total_notfinite) == 3
+    assert bool(state.last_finite)
+
+
+def test_clipping_with_zero_gradients(implementation):
+    """A global norm of zero is below any bound: nothing is scaled, no NaN."""
+    hp = spec.Hyperparams(0.1, max_grad_norm=1.0, weight_decay=0.01)
+    params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.ones(5)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    check_against_spec(implementation, params, [zeros, zeros], hp)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "step"])
+def test_recipe_trains_as_optax_composition(implementation, fused):
+    """The recipe before any give-up: 60 steps with NaN steps 10 and 30
+    skipped, params and state on the composition's trajectory."""
+    params = reference_params = _model_params()
+    opt, ref = optimizer(RECIPE, implementation), reference.optimizer(RECIPE)
+    state, ref_state = opt.init(params), ref.init(params)
+    x = jax.random.normal(jax.random.key(1), (64, 16))
+    y = jnp.sin(x[:, :4])
+    grad = jax.jit(jax.grad(_loss))
+    run = jax.jit(opt.step if fused else opt.update)
+    ref_update = jax.jit(ref.update)
+    for step in range(60):
+        grads, ref_grads = grad(params, x, y), grad(reference_params, x, y)
+        if step in (10, 30):
+            grads, ref_grads = (
+                jax.tree.map(lambda g: g * jnp.inf, tree) for tree in (grads, ref_grads)
+            )
+        if fused:
+            params, state = run(grads, state, params)
+        else:
+            updates, state = run(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        ref_updates, ref_state = ref_update(ref_grads, ref_state, reference_params)
+        reference_params = optax.apply_updates(reference_params, ref_updates)
+    assert int(state.total_notfinite) == 2 and int(state.notfinite_count) == 0
+    assert _loss(params, x, y) < 0.5 * _loss(_model_params(), x, y)
+    tolerances.assert_trees_normwise_close(params, reference_params, "params: ")
+    tolerances.assert_trees_normwise_close(state, ref_state, "state: ")
