@@ -158,3 +158,58 @@ def test_recipe_trains_as_optax_composition(implementation, fused):
     assert _loss(params, x, y) < 0.5 * _loss(_model_params(), x, y)
     tolerances.assert_trees_normwise_close(params, reference_params, "params: ")
     tolerances.assert_trees_normwise_close(state, ref_state, "state: ")
+
+
+WEIGHT_DECAYS = {
+    "float": lambda: 0.1,  # Weakly typed: the update keeps its dtype.
+    "float32-array": lambda: jnp.asarray(0.1, jnp.float32),  # Lifts 16-bit.
+    "schedule": lambda: optax.linear_schedule(0.1, 0.0, 10),  # float32 values.
+}
+
+
+@pytest.mark.parametrize("weight_decay", list(WEIGHT_DECAYS))
+@pytest.mark.parametrize("learning_rate", ["float", "schedule"])
+@pytest.mark.parametrize(
+    "mu_dtype", strategies.MU_DTYPES, ids=lambda d: f"mu={d and jnp.dtype(d).name}"
+)
+@pytest.mark.parametrize(
+    "dtype", strategies.PARAM_DTYPES, ids=lambda d: jnp.dtype(d).name
+)
+def test_recipe_output_dtypes_equal_optax_composition(
+    implementation, dtype, mu_dtype, learning_rate, weight_decay
+):
+    """Updates, state and applied params of the clipped, decayed composition,
+    abstractly. (With skips optax's `apply_if_finite` fails wherever the
+    update's dtype differs from the gradients'; the skip changes no dtype.)"""
+    hp = spec.Hyperparams(
+        learning_rate=0.1
+        if learning_rate == "float"
+        else optax.linear_schedule(0.1, 0.01, 10),
+        mu_dtype=mu_dtype,
+        weight_decay=WEIGHT_DECAYS[weight_decay](),
+        mask={"w": True, "b": False},
+        max_grad_norm=1.0,
+    )
+    params = {
+        "w": jax.ShapeDtypeStruct((3, 5), dtype),
+        "b": jax.ShapeDtypeStruct((5,), dtype),
+    }
+
+    def run(opt, fused):
+        def one_step(grads, params):
+            state = opt.init(params)
+            if fused:
+                return opt.step(grads, state, params)
+            updates, state = opt.update(grads, state, params)
+            return updates, state, optax.apply_updates(params, updates)
+
+        return jax.eval_shape(one_step, params, params)
+
+    def dtypes(tree):
+        return jax.tree.map(lambda x: x.dtype, tree)
+
+    reference_update = run(reference.optimizer(hp), fused=False)
+    opt = optimizer(hp, implementation)
+    assert dtypes(run(opt, fused=False)) == dtypes(reference_update)
+    new_params, new_state = run(opt, fused=True)
+    assert dtypes((new_params, new_state)) == dtypes(reference_update[2:0:-1])
