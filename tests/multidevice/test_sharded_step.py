@@ -240,3 +240,51 @@ def test_explicit_axes_step_exports_per_shard_kernels(platform):
         r"reduce_scatter)",
         module,
     )
+
+
+RECIPE = dict(
+    weight_decay=0.1,
+    mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree),
+    max_grad_norm=0.05,
+    max_consecutive_errors=2,
+)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+def test_sharded_recipe_only_reduces_the_norm(axis_type, implementation):
+    """Clipping, masked decay and skips on a mesh: the global norm's sum is
+    the only collective of the step (outside the branch that re-reads
+    non-finite gradients), scalar all-reduces; results as unsharded, up to
+    the norm's order of summation."""
+    opt = pallas_amsgrad.amsgrad(
+        HP.learning_rate, implementation=implementation, **RECIPE
+    )
+    params, grads = values(0), [values(1 + i) for i in range(STEPS)]
+    grads[1] = jax.tree.map(lambda g: g * jnp.nan, grads[1])  # A skipped step.
+    expected_params, expected_state, _ = run(
+        opt, "step", params, opt.init(params), grads
+    )
+    mesh = make_mesh("2d", axis_type)
+    param_shardings = shardings(mesh)
+    with jax.set_mesh(mesh):
+        sharded_params = place(params, param_shardings)
+        state = opt.init(sharded_params)
+        sharded_grads = [place(g, param_shardings) for g in grads]
+        new_params, new_state, jitted = run(
+            opt, "step", sharded_params, state, sharded_grads
+        )
+        compiled = jitted.lower(new_params, new_state, sharded_grads[0]).compile()
+    text = compiled.as_text()
+    entry = text[text.index("ENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    # XLA combines the leaves' partial sums into one all-reduce per set of
+    # mesh axes the leaves are split over (data, model, both here).
+    collectives = [line for line in entry.splitlines() if COLLECTIVES.search(line)]
+    assert 1 <= len(collectives) <= 3, collectives
+    for line in collectives:
+        assert re.search(r"= \(?f32\[\](, f32\[\])*\)? all-reduce\(", line), line
+    assert int(new_state.total_notfinite) == 1
+    tolerances.assert_trees_normwise_close(
+        (new_params, new_state), (expected_params, expected_state)
+    )
