@@ -54,13 +54,17 @@ def _bench(args, parser) -> int:
             baseline = json.load(f)
         if "cases" not in baseline or "config" not in baseline:
             parser.error(f"{args.compare} is not a `pallas-amsgrad bench` JSON file")
-    config = contenders.Config(dtype=args.dtype, mu_dtype=args.mu_dtype)
+    config = contenders.Config(
+        dtype=args.dtype, mu_dtype=args.mu_dtype, recipe=args.recipe
+    )
     if baseline is not None:
-        theirs = (baseline["config"]["dtype"], baseline["config"]["mu_dtype"])
-        if theirs != (config.dtype, config.mu_dtype):
+        theirs = baseline["config"]
+        theirs = (theirs["dtype"], theirs["mu_dtype"], theirs.get("recipe", False))
+        ours = (config.dtype, config.mu_dtype, config.recipe)
+        if theirs != ours:
             parser.error(
-                f"{args.compare} measured dtype, mu_dtype = {theirs}; this run "
-                f"{(config.dtype, config.mu_dtype)}: pass the same --dtype/--mu-dtype"
+                f"{args.compare} measured dtype, mu_dtype, recipe = {theirs}; this "
+                f"run {ours}: pass the same --dtype/--mu-dtype/--recipe"
             )
     cases = measure.measure(
         chosen,
@@ -175,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         "--png", default="bench.png", metavar="PATH", help="'' to skip the plot"
     )
     bench.add_argument("--no-torch", action="store_true", help="leave torch out")
+    bench.add_argument(
+        "--recipe",
+        action="store_true",
+        help="the AdamW-style recipe: clipping by global norm, decay of the "
+        "matrices, non-finite skips; against the same optax composition",
+    )
     bench.add_argument("--compare", metavar="BASELINE.json")
     bench.add_argument(
         "--retries",

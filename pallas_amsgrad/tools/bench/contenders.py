@@ -22,13 +22,19 @@ LEARNING_RATE = 1e-3
 ROOFLINE = "roofline"
 
 
-def min_bytes_per_param(dtype, mu_dtype, job: str) -> int:
+def min_bytes_per_param(dtype, mu_dtype, job: str, recipe: bool = False) -> int:
     """The least a `job` must read and write per parameter.
 
     step: read param, grad, mu, nu, nu_max; write param, mu, nu, nu_max.
     update: read grad, mu, nu, nu_max; write update, mu, nu, nu_max.
     update+apply: update, then read param and update and write param again.
+    With the recipe (clipping, decay, skips) the gradients are read once more
+    for their norm first, and `update` reads the params for the decay.
     """
+    if recipe:
+        p = jnp.dtype(dtype).itemsize
+        extra = p + (p if job == "update" else 0)
+        return min_bytes_per_param(dtype, mu_dtype, job) + extra
     p = jnp.dtype(dtype).itemsize
     m = jnp.dtype(mu_dtype or dtype).itemsize
     update_dtype = jnp.result_type(dtype, mu_dtype or dtype)
@@ -47,6 +53,33 @@ def min_bytes_per_param(dtype, mu_dtype, job: str) -> int:
 class Config:
     dtype: str = "float32"
     mu_dtype: str | None = None
+    # The AdamW-style recipe: clipping, decay of matrices, non-finite skips.
+    recipe: bool = False
+
+
+def _matrices(tree):
+    return jax.tree.map(lambda x: x.ndim >= 2, tree)
+
+
+RECIPE = dict(
+    weight_decay=0.1,
+    mask=_matrices,
+    max_grad_norm=1.0,
+    max_consecutive_errors=5,
+)
+
+
+def optax_reference(config: Config) -> optax.GradientTransformation:
+    """optax.amsgrad, or with the recipe the optax composition it fuses."""
+    if not config.recipe:
+        return optax.amsgrad(LEARNING_RATE, mu_dtype=config.mu_dtype)
+    inner = optax.chain(
+        optax.clip_by_global_norm(RECIPE["max_grad_norm"]),
+        optax.scale_by_amsgrad(mu_dtype=config.mu_dtype),
+        optax.add_decayed_weights(RECIPE["weight_decay"], RECIPE["mask"]),
+        optax.scale_by_learning_rate(LEARNING_RATE),
+    )
+    return optax.apply_if_finite(inner, RECIPE["max_consecutive_errors"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +135,8 @@ def _carry_step(fn, donate: bool, shapes, config, optimizer):
 
 def _ours(config):
     """This package's optimizer with its default implementation here."""
-    return pallas_amsgrad.amsgrad(LEARNING_RATE, mu_dtype=config.mu_dtype)
+    options = RECIPE if config.recipe else {}
+    return pallas_amsgrad.amsgrad(LEARNING_RATE, mu_dtype=config.mu_dtype, **options)
 
 
 def _our_step(donate: bool):
@@ -116,8 +150,8 @@ def _our_step(donate: bool):
 def _our_update(shapes, config):
     opt = _ours(config)
 
-    def update_only(state, grads):
-        updates, state = opt.update(grads, state)
+    def update_only(state, grads, params):
+        updates, state = opt.update(grads, state, params)
         return state, updates
 
     params, grads = _inputs(shapes, config)
@@ -126,7 +160,7 @@ def _our_update(shapes, config):
     carry = [state]
 
     def run():
-        carry[0], updates = jitted(carry[0], grads)
+        carry[0], updates = jitted(carry[0], grads, params)
         jax.block_until_ready((updates, carry[0]))
 
     return run
@@ -134,7 +168,7 @@ def _our_update(shapes, config):
 
 def _optax_step(donate: bool):
     def build(shapes, config):
-        opt = optax.amsgrad(LEARNING_RATE, mu_dtype=config.mu_dtype)
+        opt = optax_reference(config)
 
         def step(grads, state, params):
             updates, state = opt.update(grads, state, params)
@@ -155,6 +189,13 @@ def roofline_pass(shapes, config):
     ]
 
     def stream(params, moments, grads):
+        if config.recipe:  # One more read of the gradients, for their norm.
+            norm = sum(
+                jnp.sum(jnp.square(g.astype(jnp.float32)))
+                for g in jax.tree.leaves(grads)
+            )
+            grads = jax.tree.map(lambda g: g * norm.astype(g.dtype), grads)
+
         def leaf(g, p, m, n, v):
             return p + g, m + g.astype(m.dtype), n + g, jnp.maximum(v, g)
 
@@ -215,12 +256,37 @@ def _torch_fused(shapes, config):
         p.grad = (0.01 * torch.randn(p.shape, generator=generator)).to(
             device=device, dtype=dtype
         )
-    opt = torch.optim.Adam(params, lr=LEARNING_RATE, amsgrad=True, fused=True)
+    if not config.recipe:
+        opt = torch.optim.Adam(params, lr=LEARNING_RATE, amsgrad=True, fused=True)
+        step = opt.step
+    else:
+        # The recipe as torch writes it: a foreach clip, then fused AdamW (its
+        # decoupled decay) over two groups, matrices decayed and vectors not.
+        groups = [
+            {
+                "params": [p for p in params if p.ndim >= 2],
+                "weight_decay": RECIPE["weight_decay"],
+            },
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=LEARNING_RATE,
+            amsgrad=True,
+            fused=True,
+        )
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(
+                params, RECIPE["max_grad_norm"], foreach=True
+            )
+            opt.step()
+
     if device == "cpu":
-        return opt.step
+        return step
 
     def run():
-        opt.step()
+        step()
         torch.cuda.synchronize()
 
     return run

@@ -21,13 +21,16 @@ def report(cases: list[Case], config: Config, rounds: int) -> dict:
         "config": {
             "dtype": config.dtype,
             "mu_dtype": config.mu_dtype,
+            "recipe": config.recipe,
             "rounds": rounds,
             "learning_rate": LEARNING_RATE,
             "timing": "median of `rounds` calls after one warm-up call; each call "
             "alternates with a roofline call, and of_roofline is the median of "
             "the per-round ratios",
             "bytes_per_param": {
-                job: min_bytes_per_param(config.dtype, config.mu_dtype, job)
+                job: min_bytes_per_param(
+                    config.dtype, config.mu_dtype, job, config.recipe
+                )
                 for job in ("step", "update", "update+apply")
             },
         },
@@ -44,7 +47,8 @@ def format_table(run: dict) -> str:
     lines = [
         f"pallas-amsgrad bench on {env['backend']} ({env['devices']}; {env['cpu']}), "
         f"jax {env['jax']}, optax {env['optax']}, torch {env['torch']}",
-        f"params {config['dtype']}, mu_dtype {config['mu_dtype'] or 'param'}; "
+        f"params {config['dtype']}, mu_dtype {config['mu_dtype'] or 'param'}"
+        f"{', recipe (clip, decay, skips)' if config.get('recipe') else ''}; "
         f"minimum bytes/param: {config['bytes_per_param']}; "
         f"median of {config['rounds']} calls",
         header,
