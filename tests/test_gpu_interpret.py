@@ -86,3 +86,31 @@ def test_gpu_kernel_on_a_multi_block_tree():
             spec.Hyperparams(0.01, mu_dtype=jnp.float32),
             max_ulps=tolerances.INTERPRETED_GPU_ULPS,
         )
+
+
+def test_gpu_kernel_runs_the_recipe():
+    """Clipping, masked decay and skips on the GPU kernel: a finite step, a
+    skipped one (a NaN in an undecayed leaf) and one more, block by block."""
+    hp = spec.Hyperparams(
+        0.01,
+        weight_decay=0.1,
+        mask={"w": True, "b": False},
+        max_grad_norm=0.5,
+        max_consecutive_errors=2,
+    )
+    params = {
+        "w": jnp.linspace(-1, 1, 40 * common.LANES).reshape(40, common.LANES),
+        "b": jnp.linspace(0, 1, 200),
+    }
+    grads = [
+        jax.tree.map(lambda p, s=s: jnp.sin(p * (2 + s)), params) for s in range(3)
+    ]
+    grads[1] = {**grads[1], "b": grads[1]["b"].at[3].set(jnp.nan)}
+    with race_checked():
+        check_against_spec(
+            gpu_interpreted(16),
+            params,
+            grads,
+            hp,
+            max_ulps=tolerances.INTERPRETED_GPU_ULPS,
+        )
