@@ -230,16 +230,30 @@ def test_gpu_launches_a_kernel_per_leaf_of_a_large_group():
         assert len(_custom_calls(module, platform)) == launches, platform
 
 
-def _compiled_copies(dtype, mu_dtype):
-    opt, params, state = _abstract(dtype, mu_dtype, implementation="xla")
+def _compiled_copies(dtype, mu_dtype, **options):
+    """Parameter-sized copies, concatenates and pads anywhere in the program
+    XLA:CPU compiles for the XLA path (a skip's branches included)."""
+    opt, params, state = _abstract(dtype, mu_dtype, implementation="xla", **options)
     text = _train_step(opt).lower(params, state, params).compile().as_text()
-    entry = text[text.index("ENTRY") :]
-    return re.findall(r"= (\S+) (?:copy|concatenate|pad)\(", entry)
+    shapes = {",".join(map(str, s)) for s in SHAPES.values()}
+    return [
+        shape
+        for shape in re.findall(
+            r"= \w+\[([\d,]*)\]\S* (?:copy|concatenate|pad)\(", text
+        )
+        if shape in shapes
+    ]
 
 
 @pytest.mark.parametrize("mu_dtype", [None, jnp.float32])
 def test_xla_path_compiles_in_place(mu_dtype):
     assert _compiled_copies(jnp.float32, mu_dtype) == []
+
+
+def test_xla_path_compiles_the_recipe_in_place():
+    """A skip is a branch, not a select between old and new moments, which
+    XLA:CPU would copy before the step."""
+    assert _compiled_copies(jnp.float32, None, **RECIPE) == []
 
 
 @pytest.mark.xfail(

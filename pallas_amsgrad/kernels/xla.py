@@ -7,6 +7,7 @@ beside the kernels, and the default where no kernel compiles (CPU).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -23,8 +24,21 @@ def amsgrad_xla_group(
     operands: _math.Operands,
 ) -> list[tuple[jax.Array, ...]]:
     """Per leaf, its outputs in `operands` order, rounded to `out_dtypes`."""
-    dtype = coefficients.dtype
     c = _math.Coefficients.unpack(coefficients)
+    if not operands.terms.skip:
+        return _steps(c, leaves, out_dtypes, operands, coefficients.dtype)
+    # A skip as a branch rather than `step_block`'s select: XLA:CPU copies
+    # mu, nu and nu_max before a step that selects between their old and new
+    # values, and a skipped step need not read anything.
+    applied = operands.with_terms(dataclasses.replace(operands.terms, skip=False))
+    return jax.lax.cond(
+        c.accept != 0,
+        lambda: _steps(c, leaves, out_dtypes, applied, coefficients.dtype),
+        lambda: [_unchanged(leaf, out_dtypes, operands) for leaf in leaves],
+    )
+
+
+def _steps(c, leaves, out_dtypes, operands, dtype):
     results = []
     for leaf in leaves:
         # jnp.asarray(x, dtype), as in the kernel body: exactly x.astype(dtype)
@@ -34,3 +48,13 @@ def amsgrad_xla_group(
             tuple(x.astype(d) for x, d in zip(outputs, out_dtypes, strict=True))
         )
     return results
+
+
+def _unchanged(leaf, out_dtypes, operands):
+    """A skipped step's outputs: the param as it was (or a zero update) and
+    the moments as they were."""
+    param, grad, mu, nu, nu_max = operands.split(leaf)
+    first = param if operands.apply_to_params else jnp.zeros(grad.shape, out_dtypes[0])
+    return tuple(
+        x.astype(d) for x, d in zip((first, mu, nu, nu_max), out_dtypes, strict=True)
+    )
