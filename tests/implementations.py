@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import reference
 import tolerances
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -48,6 +49,28 @@ def gpu_interpreted(block_rows: int) -> pallas_amsgrad.Pallas:
             detect_races=True, uninitialized_memory="zero"
         ),
     )
+
+
+def recipe_case(columns: int):
+    """(params, grads, hp) of the interpreters' recipe check: clipping that
+    bites, decay of `w` only, and a NaN in `b` at the second of three steps
+    (skipped). `columns` shapes `w` as (40, columns)."""
+    hp = spec.Hyperparams(
+        0.01,
+        weight_decay=0.1,
+        mask={"w": True, "b": False},
+        max_grad_norm=0.5,
+        max_consecutive_errors=2,
+    )
+    params = {
+        "w": jnp.linspace(-1, 1, 40 * columns).reshape(40, columns),
+        "b": jnp.linspace(0, 1, 200),
+    }
+    grads = [
+        jax.tree.map(lambda p, s=s: jnp.sin(p * (2 + s)), params) for s in range(3)
+    ]
+    grads[1] = {**grads[1], "b": grads[1]["b"].at[3].set(jnp.nan)}
+    return params, grads, hp
 
 
 def with_block_sizes(implementation, block_sizes):

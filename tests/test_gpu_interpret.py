@@ -22,7 +22,7 @@ import strategies
 import tolerances
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from implementations import check_against_spec, gpu_interpreted
+from implementations import check_against_spec, gpu_interpreted, recipe_case
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
 import amsgrad_spec as spec
@@ -91,21 +91,7 @@ def test_gpu_kernel_on_a_multi_block_tree():
 def test_gpu_kernel_runs_the_recipe():
     """Clipping, masked decay and skips on the GPU kernel: a finite step, a
     skipped one (a NaN in an undecayed leaf) and one more, block by block."""
-    hp = spec.Hyperparams(
-        0.01,
-        weight_decay=0.1,
-        mask={"w": True, "b": False},
-        max_grad_norm=0.5,
-        max_consecutive_errors=2,
-    )
-    params = {
-        "w": jnp.linspace(-1, 1, 40 * common.LANES).reshape(40, common.LANES),
-        "b": jnp.linspace(0, 1, 200),
-    }
-    grads = [
-        jax.tree.map(lambda p, s=s: jnp.sin(p * (2 + s)), params) for s in range(3)
-    ]
-    grads[1] = {**grads[1], "b": grads[1]["b"].at[3].set(jnp.nan)}
+    params, grads, hp = recipe_case(common.LANES)
     with race_checked():
         check_against_spec(
             gpu_interpreted(16),

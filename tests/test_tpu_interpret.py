@@ -18,7 +18,12 @@ import strategies
 import tolerances
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from implementations import check_against_spec, optimizer, tpu_interpreted
+from implementations import (
+    check_against_spec,
+    optimizer,
+    recipe_case,
+    tpu_interpreted,
+)
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -128,21 +133,7 @@ def test_tpu_kernel_runs_the_recipe_and_skips_without_moving_bytes():
     """Clipping, masked decay and skips on the TPU kernel: a finite step, a
     skipped one (every output aliased, so the kernel streams no block and the
     buffers keep their values, checked by the spec's bits) and one more."""
-    hp = spec.Hyperparams(
-        0.01,
-        weight_decay=0.1,
-        mask={"w": True, "b": False},
-        max_grad_norm=0.5,
-        max_consecutive_errors=2,
-    )
-    params = {
-        "w": jnp.linspace(-1, 1, 40 * 300).reshape(40, 300),
-        "b": jnp.linspace(0, 1, 200),
-    }
-    grads = [
-        jax.tree.map(lambda p, s=s: jnp.sin(p * (2 + s)), params) for s in range(3)
-    ]
-    grads[1] = {**grads[1], "b": grads[1]["b"].at[3].set(jnp.nan)}
+    params, grads, hp = recipe_case(300)
     with race_checked():
         check_against_spec(
             tpu_interpreted(32),
