@@ -23,10 +23,16 @@ def check_scalar(name: str, value: Any) -> None:
 
 
 def check_learning_rate(learning_rate: Any) -> None:
-    if callable(learning_rate):
+    _check_unless_schedule(check_scalar, "learning_rate", learning_rate)
+
+
+def _check_unless_schedule(check, name: str, value: Any) -> None:
+    """`check(name, value)` unless `value` is a schedule, whose type error
+    then names the schedule as the other choice."""
+    if callable(value):
         return
     try:
-        check_scalar("learning_rate", learning_rate)
+        check(name, value)
     except TypeError as error:
         raise TypeError(
             f"{error}, or a schedule (a callable of the step count)"
@@ -132,14 +138,7 @@ def check_non_negative(name: str, value: Any, *, allow_zero: bool = True) -> Non
 
 
 def check_weight_decay(weight_decay: Any) -> None:
-    if callable(weight_decay):
-        return
-    try:
-        check_non_negative("weight_decay", weight_decay)
-    except TypeError as error:
-        raise TypeError(
-            f"{error}, or a schedule (a callable of the step count)"
-        ) from None
+    _check_unless_schedule(check_non_negative, "weight_decay", weight_decay)
 
 
 def check_max_consecutive_errors(value: Any) -> None:
