@@ -216,11 +216,8 @@ def _training_step(
         parts = [optax.EmptyState()] if options.clips else []
         parts.append(scale.init(params))
         if decay is not None:
-            if options.mask is not None:  # Named errors before optax's own.
-                mask = options.mask
-                _validation.decayed_leaves(
-                    mask(params) if callable(mask) else mask, params
-                )
+            # Named errors before optax's own.
+            _validation.decayed_leaves(options.mask, params)
             parts.append(decay.init(params))
         parts.append(
             optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
@@ -263,13 +260,7 @@ def _training_step(
             weight_decay = options.weight_decay
             if callable(weight_decay):  # At its own count, before the increment.
                 weight_decay = weight_decay(_schedule_count(inner[amsgrad_index + 1]))
-            mask = options.mask
-            if mask is None:
-                decayed = (True,) * len(jax.tree.leaves(grads))
-            else:
-                decayed = _validation.decayed_leaves(
-                    mask(grads) if callable(mask) else mask, grads
-                )
+            decayed = _validation.decayed_leaves(options.mask, grads)
             recipe |= {"weight_decay": weight_decay, "decayed": decayed}
         if is_schedule:  # Evaluated at its own count, before the increment.
             step_size = -1 * learning_rate(lr_state.count)

@@ -171,9 +171,13 @@ def check_mask(mask: Any) -> None:
             )
 
 
-def decayed_leaves(mask_tree: Any, grads: Any) -> tuple[bool, ...]:
-    """Per leaf of `grads`, its mask value: `mask_tree` is a prefix of the
+def decayed_leaves(mask: Any, grads: Any) -> tuple[bool, ...]:
+    """Per leaf of `grads`, its mask value. `mask` is None (every leaf), a
+    callable of `grads` returning a mask, or a mask: a prefix of the
     gradients' structure, each of its bools covering a whole subtree."""
+    if mask is None:
+        return (True,) * len(jax.tree.leaves(grads))
+    mask_tree = mask(grads) if callable(mask) else mask
     check_mask(mask_tree)
     mask_leaves, mask_def = jax.tree_util.tree_flatten(mask_tree)
     try:
