@@ -23,16 +23,22 @@ Two routes, by when the shardings are known:
 Both routes run the same group function (the Pallas kernel or the XLA path)
 on each device's shards, in the leaves' own dtypes and with the same
 coefficients, so a sharded step gives the unsharded step's bits.
+
+The training recipe's global norm is the one sum over all leaves:
+`sum_per_shard` takes it by the same two routes, each device summing its own
+shards, and adds the devices' partial sums in one scalar all-reduce.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.extend
+import jax.numpy as jnp
 from jax._src.state.discharge import discharge_state  # jax<0.12, see _without_refs
 from jax.experimental.custom_partitioning import (
     SdyShardingRule,
@@ -86,11 +92,7 @@ def per_shard(
     if jax.device_count() == 1:  # Nothing to partition.
         return group.run(coefficients, leaves)
     mesh = jax.sharding.get_abstract_mesh()
-    explicit_axes = tuple(
-        name
-        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if kind == AxisType.Explicit
-    )
+    explicit_axes = _explicit_axes(mesh)
     if explicit_axes:
         return _in_shard_map(group, mesh, explicit_axes, coefficients, leaves)
     if not jax.config.jax_use_shardy_partitioner:
@@ -168,16 +170,24 @@ def check_splits(name: str, shape: tuple[int, ...], sharding: Any) -> None:
             )
 
 
-def _in_shard_map(group: _Group, mesh, explicit_axes, coefficients, leaves):
-    """Explicit axes: shardings are in the types, so check them and shard_map."""
-    if len(explicit_axes) != len(mesh.axis_names) and any(
-        kind == AxisType.Auto for kind in mesh.axis_types
-    ):
+def _explicit_axes(mesh) -> tuple[str, ...]:
+    """The mesh's Explicit axes; raises if it mixes them with Auto ones."""
+    explicit_axes = tuple(
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == AxisType.Explicit
+    )
+    if explicit_axes and any(kind == AxisType.Auto for kind in mesh.axis_types):
         raise ValueError(
             f"the mesh {mesh} mixes Explicit and Auto axes; the AMSGrad step "
             "runs per shard under a mesh whose axes are all Explicit (or "
             "Manual) or all Auto"
         )
+    return explicit_axes
+
+
+def _in_shard_map(group: _Group, mesh, explicit_axes, coefficients, leaves):
+    """Explicit axes: shardings are in the types, so check them and shard_map."""
     in_specs, out_specs = [], []
     for index, (path, leaf) in enumerate(zip(group.paths, leaves, strict=True)):
         shardings = [jax.typeof(x).sharding for x in leaf]
@@ -272,6 +282,97 @@ def _sharding_rule(group: _Group, mesh, operand_types, result_types):
 
 
 _partitioned_group.def_partition(_partition, sharding_rule=_sharding_rule)
+
+
+def sum_per_shard(
+    leaf_sum: Callable[[jax.Array], jax.Array], leaves: Sequence[jax.Array]
+) -> jax.Array:
+    """The sum over `leaves` of `leaf_sum(leaf)` (a scalar in at least
+    float32), with one all-reduce on a mesh.
+
+    Each device sums its own shards; a leaf replicated over a mesh axis is
+    counted only by the devices at index 0 of that axis. The devices' partial
+    sums then meet in a single all-reduce over every mesh axis, where XLA's
+    partitioner would reduce each leaf over its own axes (one all-reduce per
+    set of axes the leaves are split over).
+
+    Args:
+      leaf_sum: maps an array (a leaf or its shard) to a scalar; a
+        module-level function (it is a static argument of the partitioned op).
+      leaves: the arrays, sharded in any way.
+    """
+    leaves = tuple(leaves)
+    mesh = jax.sharding.get_abstract_mesh()
+    if jax.device_count() == 1 or not leaves:
+        return _local_sum(leaf_sum, leaves, (None,) * len(leaves), ())
+    explicit_axes = _explicit_axes(mesh)
+    if explicit_axes:
+        specs = tuple(jax.typeof(x).sharding.spec for x in leaves)
+        return jax.shard_map(
+            functools.partial(
+                _local_sum, leaf_sum, specs=specs, axis_names=explicit_axes
+            ),
+            mesh=mesh,
+            in_specs=(specs,),
+            out_specs=PartitionSpec(),
+            axis_names=set(explicit_axes),
+            check_vma=False,
+        )(leaves)
+    return _partitioned_sum(leaves, leaf_sum)
+
+
+def _local_sum(leaf_sum, leaves, specs, axis_names):
+    """This device's share of the sum; all-reduced over `axis_names`."""
+    total = jnp.zeros([], jnp.float32)
+    for leaf, spec in zip(leaves, specs, strict=True):
+        partial = leaf_sum(leaf)
+        split = set() if spec is None else {a for e in spec for a in _axes(e)}
+        for axis in axis_names:
+            if axis not in split:  # Replicated: one copy counts.
+                partial = jnp.where(jax.lax.axis_index(axis) == 0, partial, 0)
+        total = total + partial
+    return jax.lax.psum(total, tuple(axis_names)) if axis_names else total
+
+
+def _run_sum(leaves, leaf_sum):
+    return _local_sum(leaf_sum, leaves, (None,) * len(leaves), ())
+
+
+_partitioned_sum = custom_partitioning(_run_sum, static_argnums=(1,))
+
+
+def _partition_sum(leaf_sum, mesh, arg_shapes, result_shape):
+    del result_shape
+    (leaves,) = arg_shapes
+    shardings = [
+        x.sharding
+        if isinstance(x.sharding, NamedSharding)
+        else NamedSharding(mesh, PartitionSpec())
+        for x in leaves
+    ]
+    specs = [sharding.spec for sharding in shardings]
+    lower = functools.partial(
+        _local_sum, leaf_sum, specs=specs, axis_names=mesh.axis_names
+    )
+    return (
+        mesh,
+        lower,
+        NamedSharding(mesh, PartitionSpec()),
+        (tuple(shardings),),
+    )
+
+
+def _sum_rule(leaf_sum, mesh, operand_types, result_types):
+    """Shardy's rule: every leaf dim is summed over (a reduction factor)."""
+    del leaf_sum, mesh, result_types
+    operands = tuple(
+        tuple(f"leaf{i}_dim{d}" for d in range(len(x.shape)))
+        for i, x in enumerate(operand_types)
+    )
+    return SdyShardingRule(operands, ((),))
+
+
+_partitioned_sum.def_partition(_partition_sum, sharding_rule=_sum_rule)
 
 
 def _concrete_named_sharding(x) -> NamedSharding | None:

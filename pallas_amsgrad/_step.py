@@ -82,21 +82,24 @@ def global_norm_and_finiteness(grads: Any) -> tuple[jax.Array, jax.Array]:
     """(the gradients' global norm, whether every value is finite), from one
     read of the gradients.
 
-    The norm is optax's, each leaf's sum of |g|^2 taken in at least float32.
+    The norm is optax's, each leaf's sum of |g|^2 taken in at least float32;
+    on a mesh, one all-reduce of the devices' partial sums.
     That sum is finite exactly when every value is, unless finite values
     overflow it: only then are the gradients read again to tell which.
     """
     leaves = jax.tree.leaves(grads)
-    total = jnp.zeros([], jnp.float32)
-    for grad in leaves:
-        wide = jnp.asarray(grad, jnp.promote_types(grad.dtype, jnp.float32))
-        total = total + jnp.sum(_math.squared_magnitude(wide))
+    total = _sharding.sum_per_shard(_sum_of_squares, leaves)
     finite = jax.lax.cond(
         jnp.isfinite(total),
         lambda: jnp.array(True),
         lambda: jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves])),
     )
     return jnp.sqrt(total), finite
+
+
+def _sum_of_squares(grad: jax.Array) -> jax.Array:
+    wide = jnp.asarray(grad, jnp.promote_types(grad.dtype, jnp.float32))
+    return jnp.sum(_math.squared_magnitude(wide))
 
 
 def fused_update(
