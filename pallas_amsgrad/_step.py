@@ -46,6 +46,7 @@ class Hyperparams(NamedTuple):
     mu_dtype: jnp.dtype | None
     bias_correction_mu: bool
     bias_correction_nu: bool
+    nu_dtype: jnp.dtype | None = None  # Storage of nu and nu_max; not in optax.
 
 
 @functools.partial(jax.jit, inline=True)
@@ -62,7 +63,7 @@ def leaf_dtypes(
     Written out from jnp's promotion of each of optax's expressions, with the
     hyperparameters as given (a Python float is weakly typed); `decay` is
     (weight_decay, param) for a decayed leaf. Clipping keeps the gradient's
-    dtype.
+    dtype. `nu_dtype`, like `mu_dtype`, sets only the stored dtypes.
     """
     mu_new = jnp.result_type(1 - hp.b1, grad, hp.b1, mu)  # (1-b1)*g + b1*mu
     # (1-b2)*|g|**2 + b2*nu, where |g|**2 is real for a complex g.
@@ -74,8 +75,9 @@ def leaf_dtypes(
     if step_size is not None and not is_schedule:  # A schedule is cast first.
         update = jnp.result_type(step_size, update)
     mu_state = hp.mu_dtype or mu_new
+    nu_state, nu_max_state = (hp.nu_dtype or nu_new), (hp.nu_dtype or nu_max_new)
     compute = jnp.result_type(update, mu_new, nu_new, nu_max_new, jnp.float32)
-    return (update, mu_state, nu_new, nu_max_new), compute
+    return (update, mu_state, nu_state, nu_max_state), compute
 
 
 def global_norm_and_finiteness(grads: Any) -> tuple[jax.Array, jax.Array]:
@@ -162,6 +164,7 @@ def fused_update(
         )
     ):
         _validation.check_complex_leaf(paths[index], grad, mu, param, hp.mu_dtype)
+        _validation.check_nu_dtype(f"grads{paths[index]}", grad.dtype, hp.nu_dtype)
         operands = step_operands.with_terms(
             _math.Terms(
                 clip=recipe.grad_scale is not None,

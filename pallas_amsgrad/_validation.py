@@ -39,16 +39,39 @@ def _check_unless_schedule(check, name: str, value: Any) -> None:
         ) from None
 
 
-def canonical_mu_dtype(mu_dtype: Any) -> jnp.dtype | None:
-    if mu_dtype is None:
+def canonical_state_dtype(name: str, value: Any) -> jnp.dtype | None:
+    """`mu_dtype` or `nu_dtype` as a dtype: None, or a real floating dtype."""
+    if value is None:
         return None
     try:
-        dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
+        dtype = jax.dtypes.canonicalize_dtype(value)
     except TypeError:
-        raise TypeError(f"mu_dtype={mu_dtype!r} is not a dtype") from None
+        raise TypeError(f"{name}={value!r} is not a dtype") from None
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"mu_dtype={mu_dtype!r} must be a floating-point dtype")
+        raise TypeError(f"{name}={value!r} must be a floating-point dtype")
     return dtype
+
+
+def check_nu_dtype(name: str, leaf_dtype: Any, nu_dtype: Any) -> None:
+    """`nu_dtype` narrows storage only: it may not be wider than the dtype the
+    leaf is computed in (its own, at least float32), nor real for a complex
+    leaf (whose nu optax keeps complex)."""
+    if nu_dtype is None:
+        return
+    leaf_dtype = jnp.dtype(leaf_dtype)
+    if jnp.issubdtype(leaf_dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{name} is complex ({leaf_dtype}) but "
+            f"nu_dtype={jnp.dtype(nu_dtype).name} is real; use nu_dtype=None "
+            "for complex leaves"
+        )
+    compute = jnp.promote_types(leaf_dtype, jnp.float32)
+    if jnp.finfo(nu_dtype).bits > jnp.finfo(compute).bits:
+        raise ValueError(
+            f"nu_dtype={jnp.dtype(nu_dtype).name} is wider than {name}'s "
+            f"computation ({compute.name}): nu_dtype only narrows the storage of "
+            "nu and nu_max"
+        )
 
 
 def _leaves_like(name: str, tree: Any, treedef) -> list[Any]:

@@ -24,6 +24,10 @@ Precision rule
   equations abstractly (`jax.eval_shape`) on the leaves' own dtypes, so the
   spec inherits optax's promotion rules rather than restating them: e.g. a
   bfloat16 leaf with `mu_dtype=float32` gets a float32 update.
+* `nu_dtype` (not in optax) is to `nu` and `nu_max` what `mu_dtype` is to
+  `mu`: their storage dtype only. The step computes them, and the update
+  from them, exactly as without it, and rounds them to `nu_dtype` once, as
+  they are stored; the next step reads the rounded values.
 * Values are computed in the leaves' promoted dtype raised to at least float32
   (float32 for bfloat16/float16/float32 leaves, float64 for float64 leaves)
   and rounded once, to each output's dtype, at the end.
@@ -55,8 +59,9 @@ class AmsgradState(NamedTuple):
 
     count: jax.Array  # int32 steps taken so far; saturates at the int32 max.
     mu: Any  # First moment, in `mu_dtype` (or the promoted dtype if None).
-    nu: Any  # Second moment, in the parameter dtype.
-    nu_max: Any  # Running elementwise maximum of the (debiased) second moment.
+    nu: Any  # Second moment, in `nu_dtype` (or the parameter dtype if None).
+    nu_max: Any  # Running elementwise maximum of the (debiased) second moment,
+    # in nu's dtype.
 
 
 class FiniteGuardState(NamedTuple):
@@ -71,8 +76,8 @@ class FiniteGuardState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True, eq=False)  # A mask pytree is not hashable.
 class Hyperparams:
-    """The eight hyperparameters of `optax.amsgrad`, with its defaults, and
-    the recipe's options (off by default). Hashed by identity, as a static
+    """The eight hyperparameters of `optax.amsgrad`, with its defaults,
+    `nu_dtype`, and the recipe's options (off by default). Hashed by identity, as a static
     jit argument."""
 
     learning_rate: jax.typing.ArrayLike | Schedule
@@ -83,6 +88,8 @@ class Hyperparams:
     mu_dtype: Any = None
     bias_correction_mu: bool = True
     bias_correction_nu: bool = True
+    # The storage dtype of nu and nu_max (not in optax); None: as optax.
+    nu_dtype: Any = None
     # Decoupled weight decay, as `optax.add_decayed_weights(weight_decay, mask)`:
     # a scalar or a schedule; a Python 0 adds no term at all.
     weight_decay: jax.typing.ArrayLike | Schedule = 0.0
@@ -262,8 +269,9 @@ def _leaf_exact(grad, mu, nu, nu_max, param, scalars, hp, decayed):
     return values, [t.dtype for t in out_types]
 
 
-def init(params, mu_dtype=None) -> AmsgradState:
-    """count = 0; mu, nu, nu_max = 0 (mu in `mu_dtype` when given)."""
+def init(params, mu_dtype=None, nu_dtype=None) -> AmsgradState:
+    """count = 0; mu, nu, nu_max = 0 (mu in `mu_dtype`, nu and nu_max in
+    `nu_dtype`, when given)."""
 
     def zeros(p, dtype=None):
         return jnp.zeros(jnp.shape(p), dtype or jnp.result_type(p))
@@ -271,15 +279,15 @@ def init(params, mu_dtype=None) -> AmsgradState:
     return AmsgradState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(lambda p: zeros(p, mu_dtype), params),
-        nu=jax.tree.map(zeros, params),
-        nu_max=jax.tree.map(zeros, params),
+        nu=jax.tree.map(lambda p: zeros(p, nu_dtype), params),
+        nu_max=jax.tree.map(lambda p: zeros(p, nu_dtype), params),
     )
 
 
 def init_state(params, hp: Hyperparams) -> AmsgradState | FiniteGuardState:
     """`init`, inside a `FiniteGuardState` (no errors yet) when `hp` skips
     non-finite steps."""
-    state = init(params, hp.mu_dtype)
+    state = init(params, hp.mu_dtype, hp.nu_dtype)
     if hp.max_consecutive_errors is None:
         return state
     return FiniteGuardState(
@@ -351,8 +359,8 @@ def _rounded_state(treedef, leaves, count, hp) -> AmsgradState:
     return AmsgradState(
         count=count,
         mu=rounded(1, hp.mu_dtype),
-        nu=rounded(2),
-        nu_max=rounded(3),
+        nu=rounded(2, hp.nu_dtype),
+        nu_max=rounded(3, hp.nu_dtype),
     )
 
 

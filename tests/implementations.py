@@ -12,13 +12,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import reference
 import tolerances
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from jax.experimental.pallas import tpu as pltpu
 
 import amsgrad_spec as spec
 import pallas_amsgrad
+from pallas_amsgrad.tools import composition
 
 IMPLEMENTATIONS = {
     "pallas": pallas_amsgrad.Pallas(),  # Pallas' generic interpreter on CPU.
@@ -86,7 +86,7 @@ def optimizer(hp, implementation, block_sizes=None):
     if isinstance(implementation, str):
         implementation = IMPLEMENTATIONS[implementation]
     return pallas_amsgrad.amsgrad(
-        **reference.pallas_kwargs(hp),
+        **composition.pallas_kwargs(hp),
         implementation=with_block_sizes(implementation, block_sizes),
     )
 
@@ -104,22 +104,20 @@ def check_against_spec(
     `update` and `step` from the same state within `max_ulps` of the spec, and
     the same state from both (clipping and decay widen `max_ulps`,
     see `tolerances.for_recipe`). `hp`'s recipe options are the optax
-    composition's (tests/reference.py), whose state the implementation keeps."""
+    composition's (tests/composition.py), whose state the implementation keeps."""
     opt = optimizer(hp, implementation, block_sizes)
     max_ulps = tolerances.for_recipe(
         max_ulps, clips=hp.max_grad_norm is not None, decays=hp.decays
     )
     if state is None:
         state = opt.init(params)
-        tolerances.assert_trees_equal(
-            state, reference.optimizer(hp).init(params), "init: "
-        )
+        tolerances.assert_trees_equal(state, composition.init(params, hp), "init: ")
 
     update, step = jax.jit(opt.update), jax.jit(opt.step)
     for i, g in enumerate(grads):
         # Each step starts the spec from the implementation's own state, so
         # last-bit differences are judged per step rather than compounded.
-        spec_state = reference.spec_state_of(state, hp)
+        spec_state = composition.spec_state_of(state, hp)
         updates, new_state = update(g, state, params)
         new_params, step_state = step(g, state, params)
         expected_updates, expected_state = spec.update(g, spec_state, hp, params)
@@ -132,7 +130,7 @@ def check_against_spec(
             (updates, new_state, new_params),
             (
                 expected_updates,
-                reference.optax_state_of(expected_state, hp, params),
+                composition.optax_state_of(expected_state, hp, params),
                 expected_params,
             ),
             max_ulps,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from hypothesis import settings
 from hypothesis import strategies as st
 
 import amsgrad_spec as spec
@@ -123,8 +124,11 @@ def _piecewise_schedule(base):
 
 
 @st.composite
-def hyperparams(draw, mu_dtype=None, learning_rates=("constant", "schedule")):
-    """spec.Hyperparams over both bias-correction flags, eps_root, lr kinds."""
+def hyperparams(
+    draw, mu_dtype=None, learning_rates=("constant", "schedule"), nu_dtypes=(None,)
+):
+    """spec.Hyperparams over both bias-correction flags, eps_root, lr kinds,
+    and `nu_dtypes`."""
     lr = draw(st.sampled_from([1e-3, 0.1]))
     kind = draw(st.sampled_from(learning_rates))
     return spec.Hyperparams(
@@ -136,6 +140,7 @@ def hyperparams(draw, mu_dtype=None, learning_rates=("constant", "schedule")):
         mu_dtype=mu_dtype,
         bias_correction_mu=draw(st.booleans()),
         bias_correction_nu=draw(st.booleans()),
+        nu_dtype=draw(st.sampled_from(nu_dtypes)),
     )
 
 
@@ -189,5 +194,12 @@ def non_finite_steps(draw, trajectory):
     return params, grads
 
 
+def a_third_of_the_examples():
+    """For the grids whose examples each compile both steps anew: 2 per cell
+    in CI, a third of `dev`'s."""
+    return settings(max_examples=max(2, settings.default.max_examples // 3))
+
+
 PARAM_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 MU_DTYPES = [None, jnp.bfloat16, jnp.float16, jnp.float32]
+NU_DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]

@@ -144,6 +144,41 @@ def test_complex_leaf_with_a_real_mu_dtype():
         opt.update(complex_params, state)
 
 
+@pytest.mark.parametrize("nu_dtype", [jnp.int8, "not-a-dtype", jnp.complex64], ids=str)
+def test_nu_dtype_must_be_a_real_float(nu_dtype):
+    with pytest.raises(TypeError, match="nu_dtype="):
+        pallas_amsgrad.amsgrad(0.1, nu_dtype=nu_dtype)
+    with pytest.raises(TypeError, match="nu_dtype="):
+        pallas_amsgrad.scale_by_amsgrad(nu_dtype=nu_dtype)
+
+
+def test_nu_dtype_wider_than_the_computation():
+    """float64 storage for float32 params (computed in float32) would only
+    pretend to more precision: refused in init and in update, naming the leaf."""
+    with jax.enable_x64(True):
+        opt = pallas_amsgrad.amsgrad(0.1, nu_dtype=jnp.float64)
+        params = {"w": jnp.ones(3, jnp.float32), "d": jnp.ones(2, jnp.float64)}
+        with pytest.raises(
+            ValueError,
+            match=r"nu_dtype=float64 is wider than params\['w'\]'s computation "
+            r"\(float32\)",
+        ):
+            opt.init(params)
+        state = pallas_amsgrad.amsgrad(0.1).init(params)
+        with pytest.raises(ValueError, match=r"wider than grads\['w'\]'s"):
+            opt.update(params, state)
+        # float64 leaves compute in float64: there it is no wider.
+        opt.init({"d": params["d"]})
+
+
+def test_complex_leaf_with_nu_dtype():
+    opt = pallas_amsgrad.amsgrad(0.1, nu_dtype=jnp.bfloat16)
+    with pytest.raises(
+        TypeError, match=r"params\['c'\] is complex \(complex64\) but nu_dtype=bfloat16"
+    ):
+        opt.init({"c": jnp.ones(3, jnp.complex64)})
+
+
 def test_complex_gradient_for_a_real_param():
     opt = pallas_amsgrad.amsgrad(0.1)
     real_params = {"c": jnp.ones(3), "r": jnp.ones(2)}

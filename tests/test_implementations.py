@@ -8,6 +8,7 @@ scheduled learning rates and block sizes; three steps, one with zero gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -29,6 +30,7 @@ block_sizes = st.sampled_from(
 )
 
 
+@strategies.a_third_of_the_examples()
 @given(data=st.data())
 @pytest.mark.parametrize(
     "mu_dtype", strategies.MU_DTYPES, ids=lambda d: f"mu={d and jnp.dtype(d).name}"
@@ -42,6 +44,31 @@ def test_matches_spec(implementation, dtype, mu_dtype, data):
     sizes = data.draw(block_sizes)
     note(f"{hp=} {sizes=}")
     check_against_spec(implementation, params, grads, hp, sizes)
+
+
+@strategies.a_third_of_the_examples()
+@given(data=st.data())
+@pytest.mark.parametrize(
+    "nu_dtype", strategies.NU_DTYPES, ids=lambda d: f"nu={jnp.dtype(d).name}"
+)
+@pytest.mark.parametrize(
+    "dtype", strategies.PARAM_DTYPES, ids=lambda d: jnp.dtype(d).name
+)
+def test_nu_dtype_matches_spec(implementation, dtype, nu_dtype, data):
+    """nu and nu_max stored in `nu_dtype`, with any mu_dtype and, half the
+    time, the training recipe's options (non-finite steps where it skips)."""
+    trajectory = data.draw(strategies.trajectories(dtype))
+    hp = data.draw(
+        strategies.hyperparams(data.draw(st.sampled_from(strategies.MU_DTYPES)))
+    )
+    hp = dataclasses.replace(hp, nu_dtype=nu_dtype)
+    if data.draw(st.booleans(), label="with the recipe"):
+        hp = data.draw(strategies.recipes(hp))
+    if hp.max_consecutive_errors is not None:
+        trajectory = data.draw(strategies.non_finite_steps(trajectory))
+    sizes = data.draw(block_sizes)
+    note(f"{hp=} {sizes=}")
+    check_against_spec(implementation, *trajectory, hp, sizes)
 
 
 @given(data=st.data())

@@ -62,28 +62,70 @@ def _custom_calls(module, platform):
     ]
 
 
-# Minimum bytes per parameter of a fused step (the issue's table): read param,
-# grad, mu, nu, nu_max and write param, mu, nu, nu_max, each once.
+# Minimum bytes per parameter of a fused step (the README's table): read
+# param, grad, mu, nu, nu_max and write param, mu, nu, nu_max, each once.
 MINIMUM_BYTES = [
-    ("float32", None, 36),  # 9 float32 arrays.
-    ("bfloat16", None, 18),  # 9 bfloat16 arrays.
-    ("float32", "bfloat16", 32),  # 7 float32 arrays and mu read and written as bf16.
+    ("float32", None, None, 36),  # 9 float32 arrays.
+    ("bfloat16", None, None, 18),  # 9 bfloat16 arrays.
+    ("float32", "bfloat16", None, 32),  # 7 float32 arrays, mu in bfloat16.
+    ("float32", None, "bfloat16", 28),  # 5 float32 arrays, nu, nu_max in bf16.
+    ("float32", "bfloat16", "bfloat16", 24),  # 3 float32 arrays, 6 bfloat16.
 ]
+BYTES_IDS = [f"{d}-mu={m}-nu={n}" for d, m, n, _ in MINIMUM_BYTES]
 
 
-@pytest.mark.parametrize("dtype, mu_dtype, expected", MINIMUM_BYTES)
-def test_tpu_kernel_declares_the_minimum_bytes_per_parameter(dtype, mu_dtype, expected):
+@pytest.mark.parametrize(
+    "dtype, mu_dtype, nu_dtype, expected", MINIMUM_BYTES, ids=BYTES_IDS
+)
+def test_tpu_kernel_declares_the_minimum_bytes_per_parameter(
+    dtype, mu_dtype, nu_dtype, expected
+):
     """The kernel's cost estimate, which its BlockSpecs realise: each array is
     streamed through VMEM once, every grid step reading and writing one block."""
-    module = _export("tpu", dtype, mu_dtype)
+    module = _export("tpu", dtype, mu_dtype, nu_dtype=nu_dtype)
     declared = [int(b) for b in re.findall(r"bytes_accessed\\+22:(\d+)", module)]
     assert sum(declared) == expected * PARAMETERS, (declared, PARAMETERS)
 
 
+MLIR_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
+def _tensor_bytes(types: str) -> list[int]:
+    """The size in bytes of each `tensor<AxBxdtype>` in a type list."""
+    return [
+        math.prod(int(d) for d in dims.split("x"))
+        * jnp.dtype(MLIR_DTYPES[dtype]).itemsize
+        for dims, dtype in re.findall(r"tensor<([\dx]+)x(\w+)>", types)
+    ]
+
+
+@pytest.mark.parametrize(
+    "dtype, mu_dtype, nu_dtype, expected", MINIMUM_BYTES, ids=BYTES_IDS
+)
+def test_gpu_kernels_take_the_minimum_bytes_per_parameter(
+    dtype, mu_dtype, nu_dtype, expected
+):
+    """Each GPU launch reads its operands and writes its results once (one TMA
+    copy per block each way): their sizes, the coefficients aside, add up to
+    the minimum."""
+    module = _export("cuda", dtype, mu_dtype, nu_dtype=nu_dtype)
+    total = 0
+    for line in _custom_calls(module, "cuda"):
+        inputs, outputs = re.search(r": \((.*)\) -> \((.*)\) loc", line).groups()
+        coefficients, *operands = _tensor_bytes(inputs)
+        assert coefficients < 64, inputs
+        total += sum(operands) + sum(_tensor_bytes(outputs))
+    assert total == expected * PARAMETERS, (total, PARAMETERS)
+
+
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("dtype, mu_dtype", [(d, m) for d, m, _ in MINIMUM_BYTES])
-def test_no_parameter_sized_copies_around_the_kernel(platform, dtype, mu_dtype):
-    module = _export(platform, dtype, mu_dtype)
+@pytest.mark.parametrize(
+    "dtype, mu_dtype, nu_dtype", [row[:3] for row in MINIMUM_BYTES], ids=BYTES_IDS
+)
+def test_no_parameter_sized_copies_around_the_kernel(
+    platform, dtype, mu_dtype, nu_dtype
+):
+    module = _export(platform, dtype, mu_dtype, nu_dtype=nu_dtype)
     # One dtype group: one launch on TPU, a launch per leaf on GPU.
     launches = {"tpu": 1, "cuda": len(SHAPES)}[platform]
     assert len(_custom_calls(module, platform)) == launches

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-import reference
 import tolerances
 
 import amsgrad_spec as spec
 import pallas_amsgrad
+from pallas_amsgrad.tools import composition
 
 nnx = pytest.importorskip("flax.nnx")
 from pallas_amsgrad.nnx import Optimizer  # noqa: E402
@@ -48,11 +48,11 @@ def test_fused_optimizer_trains_as_nnx_optimizer_with_optax(implementation):
     optimizer = Optimizer(
         model,
         pallas_amsgrad.amsgrad(
-            **reference.pallas_kwargs(HP), implementation=implementation
+            **composition.pallas_kwargs(HP), implementation=implementation
         ),
         wrt=nnx.Param,
     )
-    ref_optimizer = nnx.Optimizer(ref_model, reference.optimizer(HP), wrt=nnx.Param)
+    ref_optimizer = nnx.Optimizer(ref_model, composition.optimizer(HP), wrt=nnx.Param)
     tolerances.assert_trees_equal(
         nnx.state(optimizer.opt_state), nnx.state(ref_optimizer.opt_state)
     )

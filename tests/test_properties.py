@@ -27,7 +27,7 @@ INT32_MAX = np.iinfo(np.int32).max
 def test_nu_max_never_decreases(implementation, data):
     dtype = data.draw(st.sampled_from(strategies.PARAM_DTYPES))
     params, grads = data.draw(strategies.trajectories(dtype, steps=4))
-    hp = data.draw(strategies.hyperparams())
+    hp = data.draw(strategies.hyperparams(nu_dtypes=[None, *strategies.NU_DTYPES]))
     opt = optimizer(hp, implementation)
     state, step = opt.init(params), jax.jit(opt.step)
     for g in grads:
@@ -71,7 +71,9 @@ def test_bitwise_identical_across_block_sizes_and_runs(data):
     dtype = data.draw(st.sampled_from(strategies.PARAM_DTYPES))
     mu_dtype = data.draw(st.sampled_from(strategies.MU_DTYPES))
     params, grads = data.draw(strategies.trajectories(dtype))
-    hp = data.draw(strategies.hyperparams(mu_dtype))
+    hp = data.draw(
+        strategies.hyperparams(mu_dtype, nu_dtypes=[None, *strategies.NU_DTYPES])
+    )
     note(f"{hp=}")
     reference = _run(optimizer(hp, "pallas"), params, grads)
     tolerances.assert_trees_equal(
@@ -94,7 +96,9 @@ def test_kernel_and_xla_path_give_the_same_bits(data):
     dtype = data.draw(st.sampled_from(strategies.PARAM_DTYPES))
     mu_dtype = data.draw(st.sampled_from(strategies.MU_DTYPES))
     params, grads = data.draw(strategies.trajectories(dtype))
-    hp = data.draw(strategies.hyperparams(mu_dtype))
+    hp = data.draw(
+        strategies.hyperparams(mu_dtype, nu_dtypes=[None, *strategies.NU_DTYPES])
+    )
     note(f"{hp=}")
     kernel, xla = optimizer(hp, "pallas"), optimizer(hp, "xla")
     tolerances.assert_trees_equal(

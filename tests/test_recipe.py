@@ -11,25 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
 import strategies
 import tolerances
-from hypothesis import given, note, settings
+from hypothesis import given, note
 from hypothesis import strategies as st
 from implementations import check_against_spec, optimizer
 
 import amsgrad_spec as spec
+from pallas_amsgrad.tools import composition
 
 # Enough for a run of bad steps past max_consecutive_errors=1 and a step after.
 RECIPE_STEPS = 4
 
 
-def _a_third_of_the_examples():
-    """Each example compiles both steps anew, over 24 cells: 2 per cell in CI."""
-    return settings(max_examples=max(2, settings.default.max_examples // 3))
-
-
-@_a_third_of_the_examples()
+@strategies.a_third_of_the_examples()
 @given(data=st.data())
 @pytest.mark.parametrize(
     "mu_dtype", strategies.MU_DTYPES, ids=lambda d: f"mu={d and jnp.dtype(d).name}"
@@ -112,9 +107,9 @@ def test_skipped_steps_change_nothing_until_given_up(implementation):
         assert int(new_state.total_notfinite) == skipped
         assert not bool(new_state.last_finite)
         params, state = new_params, new_state
-    count = int(reference.amsgrad_state(state, hp).count)
+    count = int(composition.amsgrad_state(state, hp).count)
     params, state = step(bad, state, params)  # A third in a row: applied.
-    assert int(reference.amsgrad_state(state, hp).count) == count + 1
+    assert int(composition.amsgrad_state(state, hp).count) == count + 1
     assert int(state.inner_state[-1].count) == count + 1  # The schedule's too.
     assert np.isnan(np.asarray(params["w"])).any()
     _, state = step(good, state, params)
@@ -135,7 +130,7 @@ def test_recipe_trains_as_optax_composition(implementation, fused):
     """The recipe before any give-up: 60 steps with NaN steps 10 and 30
     skipped, params and state on the composition's trajectory."""
     params = reference_params = _model_params()
-    opt, ref = optimizer(RECIPE, implementation), reference.optimizer(RECIPE)
+    opt, ref = optimizer(RECIPE, implementation), composition.optimizer(RECIPE)
     state, ref_state = opt.init(params), ref.init(params)
     x = jax.random.normal(jax.random.key(1), (64, 16))
     y = jnp.sin(x[:, :4])
@@ -209,7 +204,7 @@ def test_recipe_output_dtypes_equal_optax_composition(
     def dtypes(tree):
         return jax.tree.map(lambda x: x.dtype, tree)
 
-    reference_update = run(reference.optimizer(hp), fused=False)
+    reference_update = run(composition.optimizer(hp), fused=False)
     opt = optimizer(hp, implementation)
     assert dtypes(run(opt, fused=False)) == dtypes(reference_update)
     new_params, new_state = run(opt, fused=True)

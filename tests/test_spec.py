@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 import jax
@@ -9,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
 import strategies
 import tolerances
 from hypothesis import given, note
 from hypothesis import strategies as st
 
 import amsgrad_spec as spec
+from pallas_amsgrad.tools import composition
 
 
 def optax_state_of(spec_state: spec.AmsgradState) -> optax.ScaleByAmsgradState:
@@ -24,7 +25,7 @@ def optax_state_of(spec_state: spec.AmsgradState) -> optax.ScaleByAmsgradState:
 
 def run_optax(hp, params, grads_per_step):
     """optax.amsgrad over the steps: [(updates, ScaleByAmsgradState, params)]."""
-    opt = optax.amsgrad(**reference.amsgrad_kwargs(hp))
+    opt = optax.amsgrad(**composition.amsgrad_kwargs(hp))
     state = opt.init(params)
     out = []
     optax_update = jax.jit(opt.update)
@@ -157,7 +158,7 @@ def test_output_dtypes_equal_optax(dtype, mu_dtype, learning_rate):
     }[learning_rate]
     hp = spec.Hyperparams(learning_rate=lr, mu_dtype=mu_dtype)
     params = {"w": jax.ShapeDtypeStruct((3, 5), dtype)}
-    opt = optax.amsgrad(**reference.amsgrad_kwargs(hp))
+    opt = optax.amsgrad(**composition.amsgrad_kwargs(hp))
 
     def optax_step(grads, params):
         updates, state = opt.update(grads, opt.init(params), params)
@@ -232,7 +233,7 @@ def test_rounded_intermediates_within_ulps_of_optax(dtype, mu_dtype, data):
     params, grads = data.draw(strategies.trajectories(dtype))
     hp = data.draw(strategies.hyperparams(mu_dtype))
     note(f"{hp=}")
-    opt = optax.amsgrad(**reference.amsgrad_kwargs(hp))
+    opt = optax.amsgrad(**composition.amsgrad_kwargs(hp))
     ulp_dtype = _rounding_dtype(dtype, mu_dtype)
     float16_min = float(jnp.finfo(jnp.float16).smallest_normal)
     state = spec.init(params, mu_dtype)
@@ -336,6 +337,39 @@ def test_16_bit_leaves_are_computed_in_float32_and_rounded_once(dtype):
         narrow_state = narrow[1]
 
 
+@pytest.mark.parametrize("nu_dtype", ["bfloat16", "float16"])
+def test_nu_dtype_narrows_only_the_storage_of_nu_and_nu_max(nu_dtype):
+    """From the same values, a step with `nu_dtype` gives the updates, params
+    and mu of the step without it, and its nu and nu_max rounded once to
+    `nu_dtype`; the next step reads the rounded values."""
+    hp = spec.Hyperparams(learning_rate=0.01, eps=1e-6)
+    narrow_hp = dataclasses.replace(hp, nu_dtype=jnp.dtype(nu_dtype))
+    params = jnp.linspace(-3, 3, 41, dtype=jnp.float32)
+    state = spec.init(params, nu_dtype=nu_dtype)
+    assert state.nu.dtype == state.nu_max.dtype == jnp.dtype(nu_dtype)
+    for s in range(3):
+        g = jnp.cos(7 * params + s) * 10.0**-s
+        wide_state = state._replace(
+            nu=state.nu.astype(jnp.float32), nu_max=state.nu_max.astype(jnp.float32)
+        )
+        wide_params, wide = spec.step(g, wide_state, params, hp)
+        wide_updates, _ = spec.update(g, wide_state, hp)
+        new_params, narrow = spec.step(g, state, params, narrow_hp)
+        updates, update_state = spec.update(g, state, narrow_hp)
+        tolerances.assert_trees_equal(update_state, narrow)
+        tolerances.assert_trees_equal(
+            (new_params, updates, narrow),
+            (
+                wide_params,
+                wide_updates,
+                wide._replace(
+                    nu=wide.nu.astype(nu_dtype), nu_max=wide.nu_max.astype(nu_dtype)
+                ),
+            ),
+        )
+        params, state = new_params, narrow
+
+
 def test_spec_avoids_optax_float16_nan():
     """A zero gradient in float16: optax computes 0/0 (eps=1e-8 rounds to 0)."""
     params = jnp.ones(4, jnp.float16)
@@ -367,7 +401,7 @@ def test_spec_at_least_as_accurate_as_optax(dtype, data):
     errors (in ULPs of the output dtype) are no larger than optax's."""
     params, grads = data.draw(strategies.trajectories(dtype))
     hp = data.draw(strategies.hyperparams(None, learning_rates=("constant",)))
-    opt = optax.amsgrad(**reference.amsgrad_kwargs(hp))
+    opt = optax.amsgrad(**composition.amsgrad_kwargs(hp))
     state = spec.init(params)
     spec_errors, optax_errors = [], []
     for g in grads:

@@ -1,5 +1,5 @@
 """The spec's training-recipe options against the optax composition they
-mirror (tests/reference.py): clipping, masked weight decay, non-finite skips."""
+mirror (tests/composition.py): clipping, masked weight decay, non-finite skips."""
 
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
 import strategies
 import tolerances
 from hypothesis import given, note
 from hypothesis import strategies as st
 
 import amsgrad_spec as spec
+from pallas_amsgrad.tools import composition
 
 RECIPE_STEPS = 5  # Enough for a run of bad steps past max_consecutive_errors=2.
 
 
 def run_reference(hp, params, grads_per_step):
     """The optax composition with apply_updates: [(updates, state, params)]."""
-    opt = reference.optimizer(hp)
+    opt = composition.optimizer(hp)
     state = opt.init(params)
     update, apply_updates = jax.jit(opt.update), jax.jit(optax.apply_updates)
     out = []
@@ -46,7 +46,7 @@ def run_spec(hp, params, grads_per_step, fused):
         else:
             params = spec.apply(params, updates)
         state = new_state
-        out.append((updates, reference.optax_state_of(state, hp, params), params))
+        out.append((updates, composition.optax_state_of(state, hp, params), params))
     return out
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -22,18 +23,51 @@ def small_params():
     }
 
 
-def test_cli_prints_table_and_exits_zero(monkeypatch, capsys):
-    monkeypatch.setattr(verify, "default_params", lambda: small_params())
-    assert cli.main(["verify", "--steps", "3"]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One `verify --steps 3 --json PATH` on small params, shared by the
+    checks of its output: (exit status, stdout, the JSON report)."""
+    path = tmp_path_factory.mktemp("verify") / "verify.json"
+    stdout = io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        patch.setattr(verify, "default_params", small_params)
+        status = cli.main(["verify", "--steps", "3", "--json", str(path)])
+    return status, stdout.getvalue(), json.loads(path.read_text())
+
+
+def test_cli_prints_table_and_exits_zero(cli_run):
+    status, out, _ = cli_run
+    assert status == 0
     rows = [
         line
         for line in out.splitlines()
         if line.split()[:1] in (["float32"], ["bfloat16"], ["float16"])
     ]
-    # 3 param dtypes x 4 mu_dtypes x (pallas, xla, optax).
-    assert len(rows) == 36
-    assert "FAIL" not in out and out.rstrip().endswith("36 passed, 0 failed")
+    # 3 param dtypes x 4 mu_dtypes x (pallas, xla, optax), float32 params
+    # with a bfloat16 nu_dtype and 2 mu_dtypes (no optax), and the recipe per
+    # param dtype (optax's composition but for float16 params).
+    assert len(rows) == 36 + 4 + 8
+    assert sum(" recipe " in row for row in rows) == 8
+    assert sum(row.split()[2] == "bfloat16" for row in rows) == 4
+    assert "FAIL" not in out and out.rstrip().endswith("48 passed, 0 failed")
+
+
+def test_json_file_beside_the_table(cli_run):
+    _, out, run = cli_run
+    assert "48 passed, 0 failed" in out
+    assert run["passed"] == len(run["rows"]) == 48
+
+
+def test_every_row_compares_values(cli_run):
+    """No row passes vacuously: float16 rows draw gradients in float16's
+    normal range, so optax's values are compared there too."""
+    for row in cli_run[2]["rows"]:
+        assert row["compared"] > row["left_out"], row
+        assert row["passed"], row
 
 
 def test_progress_on_stderr_as_rows_stream(monkeypatch, capsys):
@@ -48,75 +82,80 @@ def test_progress_on_stderr_as_rows_stream(monkeypatch, capsys):
 
     monkeypatch.setattr(verify, "format_row", format_row)
     assert cli.main(["verify", "--steps", "1"]) == 0
-    assert len(streamed) == 36
+    assert len(streamed) == 48
     assert streamed[0].out.startswith("pallas-amsgrad verify on cpu")
-    assert "[1/12] float32 params, mu_dtype param; 0.0 s elapsed" in streamed[0].err
-    # Three rows (pallas, xla, optax) per configuration.
-    assert "[12/12] float16 params, mu_dtype float32" in streamed[33].err
-
-
-def test_every_row_compares_values():
-    """No row passes vacuously: float16 rows draw gradients in float16's
-    normal range, so optax's values are compared there too."""
-    rows = verify.verify(params=small_params(), steps=3)
-    for row in rows:
-        assert row.compared > row.left_out, row
-        assert row.passed, row
+    assert "[1/17] float32 params, mu_dtype param; 0.0 s elapsed" in streamed[0].err
+    # Three rows (pallas, xla, optax) per configuration, two without optax.
+    assert "[12/17] float16 params, mu_dtype float32;" in streamed[33].err
+    assert (
+        "[14/17] float32 params, mu_dtype bfloat16, nu_dtype bfloat16;"
+        in streamed[38].err
+    )
+    assert "[17/17] float16 params, mu_dtype param, recipe;" in streamed[46].err
 
 
 def test_a_row_that_compared_nothing_fails():
-    row = verify._row("float16", None, "optax", verify._Worst(left_out=5))
+    row = verify._row(
+        verify.Configuration("float16", None), "optax", verify._Worst(left_out=5)
+    )
     assert not row.passed and row.compared == 0
     assert "no values compared" in row.note
     assert "FAIL" in verify.format_row(dataclasses.asdict(row))
 
 
 @dataclasses.dataclass(frozen=True)
-class WrongB1:
-    """The XLA path run with b1 = 0.85 whatever the optimizer was given."""
+class XlaWith:
+    """The XLA path run with some coefficients replaced, whatever the
+    optimizer was given: `overrides` is ((field, value), ...)."""
 
-    name: ClassVar[str] = "wrong-b1"
+    name: str
+    overrides: tuple
 
     def __call__(self, coefficients, leaves, *, out_dtypes, operands):
-        wrong = _math.Coefficients.unpack(coefficients)._replace(
-            b1=0.85, one_minus_b1=0.15
+        replaced = _math.Coefficients.unpack(coefficients)._replace(
+            **dict(self.overrides)
         )
         return pallas_amsgrad.Xla()(
-            wrong.pack(coefficients.dtype),
+            replaced.pack(coefficients.dtype),
             leaves,
             out_dtypes=out_dtypes,
             operands=operands,
         )
 
 
+WRONG_B1 = XlaWith("wrong-b1", (("b1", 0.85), ("one_minus_b1", 0.15)))
+# As if every step's gradients were finite.
+NEVER_SKIPS = XlaWith("never-skips", (("accept", 1),))
+
+
 def test_disagreement_fails():
     """A contender with a wrong b1 fails every one of its rows."""
-    rows = verify.verify(params=small_params(), steps=2, implementations=(WrongB1(),))
+    rows = verify.verify(params=small_params(), steps=2, implementations=(WRONG_B1,))
     failed = [r for r in rows if r.contender == "wrong-b1" and not r.passed]
-    assert len(failed) == 12
+    assert len(failed) == 17
+
+
+def test_a_step_that_is_not_skipped_fails_the_recipe_rows():
+    """The recipe rows run a step with a NaN gradient, which the finite guard
+    skips; a contender that steps anyway fails them, and only them."""
+    rows = verify.verify(params=small_params(), steps=2, implementations=(NEVER_SKIPS,))
+    failed = {(r.params, r.options) for r in rows if not r.passed}
+    assert failed == {(dtype, "recipe") for dtype in verify.PARAM_DTYPES}
 
 
 def test_json_report_of_a_users_npz(tmp_path, capsys):
     path = tmp_path / "params.npz"
     np.savez(path, **small_params())
     assert (
-        cli.main(["verify", "--steps", "2", "--params", str(path), "--json", "-"]) == 0
+        cli.main(["verify", "--steps", "1", "--params", str(path), "--json", "-"]) == 0
     )
     run = json.loads(capsys.readouterr().out)
     assert run["inputs"]["params"] == str(path)
     assert run["inputs"]["parameters"] == 9 * 130 + 3
-    assert run["failed"] == 0 and run["passed"] == len(run["rows"]) == 36
+    assert run["failed"] == 0 and run["passed"] == len(run["rows"]) == 48
     assert {r["contender"] for r in run["rows"]} == {"pallas", "xla", "optax"}
     for key in ("jax", "jaxlib", "optax", "backend", "devices", "pallas_amsgrad"):
         assert run["environment"][key]
-
-
-def test_json_file_beside_the_table(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(verify, "default_params", small_params)
-    out = tmp_path / "verify.json"
-    assert cli.main(["verify", "--steps", "1", "--json", str(out)]) == 0
-    assert "36 passed, 0 failed" in capsys.readouterr().out
-    assert json.loads(out.read_text())["passed"] == 36
 
 
 def test_npz_with_an_integer_leaf_is_refused(tmp_path):

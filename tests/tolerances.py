@@ -9,10 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import reference
 
 import amsgrad_spec as spec
-from pallas_amsgrad.tools import ulps
+from pallas_amsgrad.tools import composition, ulps
 
 # Kernel (interpreted) and XLA path vs the spec, one step from the same state,
 # with IEEE arithmetic (conftest.py caps XLA:CPU below FMA); the reasoning is
@@ -92,7 +91,7 @@ def summand_scales(grads, state, params, hp):
         params,
         updates,
     )
-    return updates, reference.optax_state_of(new_state, hp, params), param_scales
+    return updates, composition.optax_state_of(new_state, hp, params), param_scales
 
 
 def assert_trees_ulp_close(

@@ -38,11 +38,20 @@ CLIPPING_EXTRA_ULPS = {"float64": 4, "float32": 4, "bfloat16": 0, "float16": 0}
 DECAY_EXTRA_ULPS = {"float64": 1, "float32": 1, "bfloat16": 0, "float16": 0}
 
 
+# optax's own composition clips in a 16-bit leaf's dtype: its global norm is
+# summed and rounded in it, and g / norm * max_grad_norm rounds twice more, so
+# its clipped gradient (and through mu and sqrt(nu) its update) carries up to
+# 2 ULPs of that dtype beyond SPEC_VS_OPTAX_ULPS.
+OPTAX_CLIPPING_EXTRA_ULPS = {"bfloat16": 2, "float16": 2}
+
+
 def for_recipe(
-    max_ulps: dict[str, int], *, clips: bool, decays: bool
+    max_ulps: dict[str, int], *, clips: bool, decays: bool, optax: bool = False
 ) -> dict[str, int]:
-    """`max_ulps` for a step with clipping and/or weight decay."""
+    """`max_ulps` for a step with clipping and/or weight decay (`optax`: as
+    optax's composition computes it)."""
     extras = [CLIPPING_EXTRA_ULPS] * clips + [DECAY_EXTRA_ULPS] * decays
+    extras += [OPTAX_CLIPPING_EXTRA_ULPS] * (clips and optax)
     return {k: v + sum(e.get(k, 0) for e in extras) for k, v in max_ulps.items()}
 
 

@@ -1,9 +1,17 @@
 """`pallas-amsgrad verify`: kernel, XLA path, spec and optax, side by side.
 
 Every configuration of param dtype x mu_dtype runs N steps (one with a zero
-gradient) on a model-shaped pytree. Each step starts every contender from the
-same state and is compared with the spec, in ULPs of the output dtype counted
-at the magnitude of the summands (`pallas_amsgrad.tools.ulps`).
+gradient) on a model-shaped pytree, and so do float32 params with nu and
+nu_max in bfloat16 (`nu_dtype`); for each param dtype, the AdamW-style
+recipe (clipping, masked weight decay, skips of non-finite steps) runs one
+step more, a skipped step with a NaN gradient right after the zero one. Each
+step starts every contender from the same state and is compared with the
+spec, in ULPs of the output dtype counted at the magnitude of the summands
+(`pallas_amsgrad.tools.ulps`); counts and the finite guard's bookkeeping
+must match exactly. optax is the composition the options stand for
+(`tools.composition`), except where none does: optax has no nu_dtype, and
+with float16 params its global norm is summed in float16, where a model's
+gradients overflow it (the spec sums in float32).
 """
 
 from __future__ import annotations
@@ -18,16 +26,31 @@ from typing import TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import amsgrad_spec as spec
 import pallas_amsgrad
-from pallas_amsgrad.tools import ulps, workloads
+from pallas_amsgrad.tools import composition, ulps, workloads
 from pallas_amsgrad.tools.environment import environment
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 MU_DTYPES = (None, "bfloat16", "float16", "float32")
 DEFAULT_MODEL = "transformer-tiny"
+
+
+def decay_matrices(params):
+    """The recipe's decay mask: matrices and larger, not biases, scales or norms."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+# The AdamW-style recipe's options, as `pallas_amsgrad.amsgrad` takes them.
+# The default model's gradients have a global norm near 4 (near 700 with
+# float16 params' larger ones), so the clip is active.
+RECIPE = {
+    "weight_decay": 0.1,
+    "mask": decay_matrices,
+    "max_grad_norm": 1.0,
+    "max_consecutive_errors": 2,
+}
 
 # optax rounds intermediates to the narrowest dtype of the configuration (e.g.
 # b1 * mu in a bfloat16 mu), so its error is counted in that dtype's ULPs; in
@@ -66,6 +89,29 @@ def load_params(path: str) -> dict[str, np.ndarray]:
     return params
 
 
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    param_dtype: str
+    mu_name: str | None  # None: mu in the params' dtype, as optax.
+    nu_name: str | None = None  # nu_dtype; None: as optax.
+    recipe: bool = False  # With the RECIPE options.
+
+    @property
+    def with_optax(self) -> bool:
+        """optax has no nu_dtype, and sums float16 gradients' norm in float16."""
+        return self.nu_name is None and not (
+            self.recipe and self.param_dtype == "float16"
+        )
+
+
+CONFIGURATIONS = (
+    *(Configuration(p, m) for p, m in itertools.product(PARAM_DTYPES, MU_DTYPES)),
+    # 16-bit nu and nu_max for float32 params (bfloat16 params already have it).
+    *(Configuration("float32", m, "bfloat16") for m in (None, "bfloat16")),
+    *(Configuration(p, None, recipe=True) for p in PARAM_DTYPES),
+)
+
+
 @dataclasses.dataclass
 class Row:
     """One contender on one configuration, compared with the spec."""
@@ -80,6 +126,8 @@ class Row:
     compared: int = 0  # Output values compared with the spec.
     left_out: int = 0  # optax values out of float16's range, not compared.
     note: str = ""
+    options: str = "-"  # "recipe": with the RECIPE options.
+    nu_dtype: str = "param"
 
 
 def _out_of_float16_range(magnitude_state, float16_params, float16_mu):
@@ -112,6 +160,12 @@ class _Worst:
     dtype: str = "float32"  # The dtype whose ULPs `ulps` counts.
     compared: int = 0
     left_out: int = 0
+    mismatches: list[str] = dataclasses.field(default_factory=list)
+
+    def add_exact(self, actual, expected, what: str) -> None:
+        """Adds values that must match exactly (counts, the guard's flags)."""
+        if not np.array_equal(np.asarray(actual), np.asarray(expected)):
+            self.mismatches.append(f"{what} {actual} != spec's {expected}")
 
     def add(
         self,
@@ -158,7 +212,10 @@ class _Worst:
                 self.ulps, self.dtype = float(error), jnp.dtype(dtype or a.dtype).name
 
 
-def _gradients(typed_params, param_dtype, rng, zero):
+def _gradients(typed_params, param_dtype, rng, zero, nan=False):
+    """One step's gradients; `nan` puts a NaN in the first element of the
+    largest leaf."""
+
     def draw(p):
         if param_dtype == "float16":
             low, high = np.log(FLOAT16_GRADIENT_MAGNITUDES)
@@ -166,9 +223,32 @@ def _gradients(typed_params, param_dtype, rng, zero):
             g = magnitude * rng.choice([-1.0, 1.0], p.shape)
         else:
             g = rng.normal(0, GRADIENT_STD, p.shape)
-        return jnp.asarray(g * (not zero), p.dtype)
+        return g * (not zero)
 
-    return jax.tree.map(draw, typed_params)
+    grads = jax.tree.map(draw, typed_params)
+    if nan:
+        largest = max(jax.tree.leaves(grads), key=np.size)
+        largest.flat[0] = np.nan
+    return jax.tree.map(lambda g, p: jnp.asarray(g, p.dtype), grads, typed_params)
+
+
+def _amsgrad_part(spec_state) -> spec.AmsgradState:
+    """A spec state's AMSGrad part, with or without the finite guard."""
+    return getattr(spec_state, "inner_state", spec_state)
+
+
+def _moments(spec_state) -> tuple:
+    inner = _amsgrad_part(spec_state)
+    return (inner.mu, inner.nu, inner.nu_max)
+
+
+def _bookkeeping(spec_state) -> dict:
+    """The state's exact fields: the count, and the finite guard's."""
+    exact = {"count": _amsgrad_part(spec_state).count}
+    if isinstance(spec_state, spec.FiniteGuardState):
+        exact |= spec_state._asdict()
+        del exact["inner_state"]
+    return exact
 
 
 def verify(
@@ -191,46 +271,62 @@ def verify(
     spec_update = jax.jit(spec.update, static_argnums=2)
     spec_step = jax.jit(spec.step, static_argnums=3)
     rows = []
-    configurations = list(itertools.product(PARAM_DTYPES, MU_DTYPES))
     start = time.perf_counter()
-    for number, (param_dtype, mu_name) in enumerate(configurations, 1):
+    for number, config in enumerate(CONFIGURATIONS, 1):
+        param_dtype, mu_name = config.param_dtype, config.mu_name
         if progress is not None:
             print(
-                f"[{number}/{len(configurations)}] {param_dtype} params, mu_dtype "
-                f"{mu_name or 'param'}; {time.perf_counter() - start:.1f} s elapsed",
+                f"[{number}/{len(CONFIGURATIONS)}] {param_dtype} params, mu_dtype "
+                f"{mu_name or 'param'}"
+                f"{f', nu_dtype {config.nu_name}' if config.nu_name else ''}"
+                f"{', recipe' * config.recipe}; "
+                f"{time.perf_counter() - start:.1f} s elapsed",
                 file=progress,
                 flush=True,
             )
         mu_dtype = None if mu_name is None else jnp.dtype(mu_name)
         typed = jax.tree.map(lambda p, d=param_dtype: jnp.asarray(p, d), params)
-        hp = spec.Hyperparams(learning_rate, mu_dtype=mu_dtype)
+        hp = spec.Hyperparams(
+            learning_rate,
+            mu_dtype=mu_dtype,
+            nu_dtype=config.nu_name and jnp.dtype(config.nu_name),
+            **(RECIPE if config.recipe else {}),
+        )
         contenders = {
             getattr(impl, "name", impl): pallas_amsgrad.amsgrad(
-                learning_rate, mu_dtype=mu_dtype, implementation=impl
+                **composition.pallas_kwargs(hp), implementation=impl
             )
             for impl in implementations
         }
         updates_fns = {name: jax.jit(opt.update) for name, opt in contenders.items()}
         step_fns = {name: jax.jit(opt.step) for name, opt in contenders.items()}
-        optax_update = jax.jit(optax.amsgrad(learning_rate, mu_dtype=mu_dtype).update)
+        with_optax = config.with_optax
+        if with_optax:
+            optax_update = jax.jit(composition.optimizer(hp).update)
         # optax rounds intermediates to the leaf dtype and keeps b1 * mu in
         # mu_dtype: its error is counted in the one with fewer mantissa bits.
         narrowest = min(
             (param_dtype, mu_name or param_dtype), key=lambda d: jnp.finfo(d).nmant
         )
-        worst = {name: _Worst() for name in [*contenders, "optax"]}
-        state = spec.init(typed, mu_dtype)
+        worst = {name: _Worst() for name in contenders}
+        if with_optax:
+            worst["optax"] = _Worst()
+        state = spec.init_state(typed, hp)
         rng = np.random.default_rng(1)
-        for step in range(steps):
-            # The zero gradient comes after at least one real step.
+        for step in range(steps + config.recipe):
+            # The zero gradient comes after at least one real step; the
+            # recipe's NaN right after it.
             zero = steps > 1 and step == steps // 2
-            grads = _gradients(typed, param_dtype, rng, zero)
-            expected = spec_update(grads, state, hp)
+            nan = config.recipe and step == steps // 2 + 1
+            grads = _gradients(typed, param_dtype, rng, zero, nan)
+            expected = spec_update(grads, state, hp, typed)
             expected_params, _ = spec_step(grads, state, typed, hp)
-            scale_updates, scale_state = spec_update(
+            # The summands' magnitudes: the step on |g|, |mu| and |params|.
+            scale_updates, scale_new = spec_update(
                 jax.tree.map(jnp.abs, grads),
-                state._replace(mu=jax.tree.map(jnp.abs, state.mu)),
+                _with_abs_mu(state),
                 hp,
+                jax.tree.map(jnp.abs, typed),
             )
             scale_params = jax.tree.map(
                 lambda p, u: (
@@ -239,40 +335,68 @@ def verify(
                 typed,
                 scale_updates,
             )
-            scales = (scale_updates, tuple(scale_state)[1:], scale_params)
-            optax_state = (optax.ScaleByAmsgradState(*state), optax.EmptyState())
+            scales = (scale_updates, _moments(scale_new), scale_params)
+            want = (expected[0], _moments(expected[1]), expected_params)
+            contender_state = composition.optax_state_of(state, hp, typed)
             for name in contenders:
-                updates, new_state = updates_fns[name](grads, optax_state, typed)
-                new_params, _ = step_fns[name](grads, optax_state, typed)
-                got = (updates, tuple(new_state[0])[1:], new_params)
-                want = (expected[0], tuple(expected[1])[1:], expected_params)
-                worst[name].add(got, want, scales)
-            optax_updates, (optax_new, _) = optax_update(grads, optax_state, typed)
-            lost = _out_of_float16_range(
-                scale_state, param_dtype == "float16", mu_name == "float16"
-            )
-            worst["optax"].add(
-                (optax_updates, tuple(optax_new)[1:]),
-                (expected[0], tuple(expected[1])[1:]),
-                scales[:2],
-                dtype=narrowest,
-                excluded_tree=lost,
-                drop_non_finite=param_dtype == "float16",
-            )
+                updates, new_state = updates_fns[name](grads, contender_state, typed)
+                new_params, _ = step_fns[name](grads, contender_state, typed)
+                new_state = composition.spec_state_of(new_state, hp)
+                worst[name].add(
+                    (updates, _moments(new_state), new_params), want, scales
+                )
+                _add_bookkeeping(worst[name], new_state, expected[1])
+            if with_optax:
+                optax_updates, optax_new = optax_update(grads, contender_state, typed)
+                optax_new = composition.spec_state_of(optax_new, hp)
+                lost = _out_of_float16_range(
+                    _amsgrad_part(scale_new),
+                    param_dtype == "float16",
+                    mu_name == "float16",
+                )
+                worst["optax"].add(
+                    (optax_updates, _moments(optax_new)),
+                    want[:2],
+                    scales[:2],
+                    dtype=narrowest,
+                    excluded_tree=lost,
+                    drop_non_finite=param_dtype == "float16",
+                )
+                _add_bookkeeping(worst["optax"], optax_new, expected[1])
             state = expected[1]
         for name, result in worst.items():
-            row = _row(param_dtype, mu_name, name, result)
+            row = _row(config, name, result)
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return rows
 
 
-def _row(param_dtype: str, mu_name: str | None, contender: str, result: _Worst):
-    """A contender's row: it passes within its bound, having compared values."""
+def _with_abs_mu(spec_state):
+    """`spec_state` with |mu| for mu."""
+    inner = _amsgrad_part(spec_state)
+    inner = inner._replace(mu=jax.tree.map(jnp.abs, inner.mu))
+    if isinstance(spec_state, spec.FiniteGuardState):
+        return spec_state._replace(inner_state=inner)
+    return inner
+
+
+def _add_bookkeeping(worst: _Worst, actual_state, expected_state) -> None:
+    actual, expected = _bookkeeping(actual_state), _bookkeeping(expected_state)
+    for field, value in expected.items():
+        worst.add_exact(actual[field], value, field)
+
+
+def _row(config: Configuration, contender: str, result: _Worst) -> Row:
+    """A contender's row: it passes within its bound, having compared values,
+    with its counts and flags exact."""
     bounds = OPTAX_ULPS if contender == "optax" else ulps.DEPLOYED_IMPLEMENTATION_ULPS
+    if config.recipe:
+        bounds = ulps.for_recipe(
+            bounds, clips=True, decays=True, optax=contender == "optax"
+        )
     bound = bounds[result.dtype]
-    notes = []
+    notes = list(result.mismatches)
     if result.left_out:
         notes.append(
             f"{result.left_out} values out of float16's range in optax left out"
@@ -280,16 +404,18 @@ def _row(param_dtype: str, mu_name: str | None, contender: str, result: _Worst):
     if not result.compared:
         notes.append("no values compared")
     return Row(
-        params=param_dtype,
-        mu_dtype=mu_name or "param",
+        params=config.param_dtype,
+        mu_dtype=config.mu_name or "param",
+        nu_dtype=config.nu_name or "param",
         contender=contender,
         max_ulps=result.ulps,
         ulp_dtype=result.dtype,
         bound=bound,
-        passed=result.compared > 0 and result.ulps <= bound,
+        passed=result.compared > 0 and result.ulps <= bound and not result.mismatches,
         compared=result.compared,
         left_out=result.left_out,
         note="; ".join(notes),
+        options="recipe" if config.recipe else "-",
     )
 
 
@@ -316,14 +442,17 @@ def inputs(params, source: str, steps: int, learning_rate) -> dict:
         "learning_rate": learning_rate,
         "gradients": f"N(0, {GRADIENT_STD}) per step (float16 params: magnitudes "
         f"log-uniform in [{low}, {high}], random signs), seed 1; with 2 or more "
-        "steps, step steps//2 is zero",
+        "steps, step steps//2 is zero; recipe rows run one step more, with a "
+        "NaN in the largest leaf at step steps//2 + 1",
+        "recipe": {k: getattr(v, "__name__", v) for k, v in RECIPE.items()},
     }
 
 
 def format_header(environment_: dict, inputs_: dict) -> list[str]:
     """The table's header lines, printable before any row is measured."""
     header = (
-        f"{'params':<9} {'mu_dtype':<9} {'vs spec':<8} {'max ULPs':>9} "
+        f"{'params':<9} {'mu_dtype':<9} {'nu_dtype':<9} {'options':<7} "
+        f"{'vs spec':<8} {'max ULPs':>9} "
         f"{'in':<9} {'bound':>5}  result"
     )
     return [
@@ -339,7 +468,8 @@ def format_header(environment_: dict, inputs_: dict) -> list[str]:
 
 def format_row(r: dict) -> str:
     return (
-        f"{r['params']:<9} {r['mu_dtype']:<9} {r['contender']:<8} "
+        f"{r['params']:<9} {r['mu_dtype']:<9} {r['nu_dtype']:<9} {r['options']:<7} "
+        f"{r['contender']:<8} "
         f"{r['max_ulps']:>9.3g} {r['ulp_dtype']:<9} {r['bound']:>5}  "
         f"{'pass' if r['passed'] else 'FAIL'}  {r['note']}".rstrip()
     )

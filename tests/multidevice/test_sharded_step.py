@@ -115,6 +115,26 @@ def run(opt, entry, params, state, grads):
     return params, state, jitted
 
 
+def unsharded_and_sharded(opt, grads, mesh_name, axis_type):
+    """`STEPS` donated `step`s from `values(0)` with `grads`, on one device and
+    on the mesh (state from `init` on the sharded params): ((params, state)
+    unsharded, (params, state) sharded, the sharded step compiled)."""
+    params = values(0)
+    expected_params, expected_state, _ = run(
+        opt, "step", params, opt.init(params), grads
+    )
+    mesh = make_mesh(mesh_name, axis_type)
+    param_shardings = shardings(mesh)
+    with jax.set_mesh(mesh):
+        sharded_params = place(params, param_shardings)
+        sharded_grads = [place(g, param_shardings) for g in grads]
+        new_params, new_state, jitted = run(
+            opt, "step", sharded_params, opt.init(sharded_params), sharded_grads
+        )
+        compiled = jitted.lower(new_params, new_state, sharded_grads[0]).compile()
+    return (expected_params, expected_state), (new_params, new_state), compiled
+
+
 @pytest.mark.parametrize("entry", ["step", "update"])
 @pytest.mark.parametrize("implementation", ["pallas", "xla"])
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
@@ -261,21 +281,11 @@ def test_sharded_recipe_only_reduces_the_norm(axis_type, implementation):
     opt = pallas_amsgrad.amsgrad(
         HP.learning_rate, implementation=implementation, **RECIPE
     )
-    params, grads = values(0), [values(1 + i) for i in range(STEPS)]
+    grads = [values(1 + i) for i in range(STEPS)]
     grads[1] = jax.tree.map(lambda g: g * jnp.nan, grads[1])  # A skipped step.
-    expected_params, expected_state, _ = run(
-        opt, "step", params, opt.init(params), grads
+    expected, (new_params, new_state), compiled = unsharded_and_sharded(
+        opt, grads, "2d", axis_type
     )
-    mesh = make_mesh("2d", axis_type)
-    param_shardings = shardings(mesh)
-    with jax.set_mesh(mesh):
-        sharded_params = place(params, param_shardings)
-        state = opt.init(sharded_params)
-        sharded_grads = [place(g, param_shardings) for g in grads]
-        new_params, new_state, jitted = run(
-            opt, "step", sharded_params, state, sharded_grads
-        )
-        compiled = jitted.lower(new_params, new_state, sharded_grads[0]).compile()
     text = compiled.as_text()
     entry = text[text.index("ENTRY") :]
     entry = entry[: entry.index("\n}")]
@@ -286,9 +296,7 @@ def test_sharded_recipe_only_reduces_the_norm(axis_type, implementation):
     assert re.search(r"= f32\[\] all-reduce\(", collectives[0]), collectives
     assert "replica_groups={{0,1,2,3,4,5,6,7}}" in collectives[0], collectives
     assert int(new_state.total_notfinite) == 1
-    tolerances.assert_trees_normwise_close(
-        (new_params, new_state), (expected_params, expected_state)
-    )
+    tolerances.assert_trees_normwise_close((new_params, new_state), expected)
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
@@ -315,3 +323,30 @@ def test_recipe_clips_by_the_global_norm_of_whole_leaves(mesh_name, axis_type):
         optax.tree_utils.tree_get(state, "mu"),
         optax.tree_utils.tree_get(expected, "mu"),
     )
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+def test_sharded_step_with_16_bit_nu_equals_unsharded(axis_type):
+    """nu_dtype=bfloat16 on the 2-D mesh: the state's nu and nu_max in
+    bfloat16, sharded as their params, with the unsharded step's bits."""
+    opt = pallas_amsgrad.amsgrad(
+        HP.learning_rate,
+        HP.b1,
+        HP.b2,
+        HP.eps,
+        nu_dtype=jnp.bfloat16,
+        implementation="pallas",
+    )
+    grads = [values(1 + i) for i in range(STEPS)]
+    expected, (new_params, new_state), _ = unsharded_and_sharded(
+        opt, grads, "2d", axis_type
+    )
+    param_shardings = shardings(make_mesh("2d", axis_type))
+    for leaf, sharding in zip(
+        jax.tree.leaves(new_state[0].nu_max),
+        jax.tree.leaves(param_shardings),
+        strict=True,
+    ):
+        assert leaf.dtype == jnp.bfloat16
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+    tolerances.assert_trees_equal((new_params, new_state), expected)

@@ -1,11 +1,15 @@
 """The optax composition that a `spec.Hyperparams` stands for, and its state.
 
-`pallas_amsgrad.amsgrad(**kwargs)` and the spec both mirror it; the tests run
-it as optax's own answer.
+`pallas_amsgrad.amsgrad(**kwargs)` and the spec both mirror it; `verify` and
+the tests run it as optax's own answer, and move states between the spec's
+form and the composition's (which is also `pallas_amsgrad.amsgrad`'s).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import optax
 
 import amsgrad_spec as spec
@@ -27,8 +31,11 @@ def amsgrad_kwargs(hp: spec.Hyperparams) -> dict:
 
 
 def option_kwargs(hp: spec.Hyperparams) -> dict:
-    """The recipe's options that `hp` sets, as pallas_amsgrad.amsgrad takes them."""
+    """The options beyond optax.amsgrad's that `hp` sets (nu_dtype and the
+    recipe's), as pallas_amsgrad.amsgrad takes them."""
     options = {}
+    if hp.nu_dtype is not None:
+        options["nu_dtype"] = hp.nu_dtype
     if hp.decays:
         options["weight_decay"] = hp.weight_decay
         if hp.mask is not None:
@@ -46,7 +53,15 @@ def pallas_kwargs(hp: spec.Hyperparams) -> dict:
 
 
 def optimizer(hp: spec.Hyperparams) -> optax.GradientTransformation:
-    """optax.amsgrad, or the composition of the recipe's options around it."""
+    """optax.amsgrad, or the composition of the recipe's options around it.
+
+    optax has no `nu_dtype`: for such an `hp` there is no optax optimizer
+    (`init` gives the state it would have)."""
+    if hp.nu_dtype is not None:
+        raise ValueError(
+            f"optax has no nu_dtype (hp.nu_dtype={hp.nu_dtype}): no optax "
+            "optimizer stands for this hp"
+        )
     kwargs = amsgrad_kwargs(hp)
     learning_rate = kwargs.pop("learning_rate")
     inner = optax.chain(
@@ -62,6 +77,28 @@ def optimizer(hp: spec.Hyperparams) -> optax.GradientTransformation:
     if hp.max_consecutive_errors is None:
         return inner
     return optax.apply_if_finite(inner, hp.max_consecutive_errors)
+
+
+def init(params, hp: spec.Hyperparams):
+    """The composition's initial state, with nu and nu_max in `hp.nu_dtype`
+    where set: what optax would carry if it had nu_dtype, and what
+    pallas_amsgrad.amsgrad(**pallas_kwargs(hp)).init must return."""
+    state = optimizer(_with_optax_dtypes(hp)).init(params)
+    if hp.nu_dtype is None:
+        return state
+    spec_state = spec_state_of(state, hp)
+    inner = _inner(spec_state, hp)
+    narrowed = inner._replace(
+        nu=jax.tree.map(lambda x: x.astype(hp.nu_dtype), inner.nu),
+        nu_max=jax.tree.map(lambda x: x.astype(hp.nu_dtype), inner.nu_max),
+    )
+    if hp.max_consecutive_errors is not None:
+        narrowed = spec_state._replace(inner_state=narrowed)
+    return optax_state_of(narrowed, hp, params)
+
+
+def _with_optax_dtypes(hp: spec.Hyperparams) -> spec.Hyperparams:
+    return dataclasses.replace(hp, nu_dtype=None)
 
 
 def _inner(state, hp):
@@ -97,7 +134,7 @@ def optax_state_of(spec_state, hp: spec.Hyperparams, params):
             return part._replace(count=inner.count)
         return part
 
-    template = optimizer(hp).init(params)
+    template = optimizer(_with_optax_dtypes(hp)).init(params)
     states = tuple(filled(part) for part in _inner(template, hp))
     if hp.max_consecutive_errors is None:
         return states
