@@ -25,6 +25,7 @@ from .amsgrad import (
     step,
     update,
 )
+from .rounding import mix32, random_bits, stochastic_round, stream_key
 
 __all__ = [
     "AmsgradState",
@@ -46,8 +47,12 @@ __all__ = [
     "increment_count",
     "init",
     "init_state",
+    "mix32",
+    "random_bits",
     "running_max",
     "second_moment",
     "step",
+    "stochastic_round",
+    "stream_key",
     "update",
 ]
