@@ -33,6 +33,40 @@ def test_min_bytes_per_param(dtype, mu_dtype, job, expected):
     assert contenders.min_bytes_per_param(dtype, mu_dtype, job) == expected
 
 
+@pytest.mark.parametrize(
+    "mu_dtype, job, expected",
+    [
+        # param, grad 4 bytes each way as needed; mu 4; nu and nu_max 2.
+        (None, "step", 28),
+        (None, "update", 24),
+        (None, "update+apply", 36),
+        # The README's lean row: 3 float32 arrays and 6 bfloat16 ones.
+        ("bfloat16", "step", 24),
+    ],
+)
+def test_min_bytes_per_param_with_16_bit_nu(mu_dtype, job, expected):
+    config = contenders.Config("float32", mu_dtype, nu_dtype="bfloat16")
+    assert config.min_bytes_per_param(job) == expected
+
+
+def test_bench_with_16_bit_nu_runs_every_contender(tmp_path, capsys):
+    """--nu-dtype narrows this package's state; optax and torch, which have
+    no such option, run as they are, and the table says so."""
+    out = tmp_path / "run.json"
+    args = ["bench", "--sizes", "4K", "--models", "", "--rounds", "1", "--no-torch"]
+    assert (
+        cli.main([*args, "--nu-dtype", "bfloat16", "--json", str(out), "--png", ""])
+        == 0
+    )
+    assert "nu_dtype bfloat16 (this package; optax and torch keep" in (
+        capsys.readouterr().out
+    )
+    run = json.loads(out.read_text())
+    assert run["config"]["nu_dtype"] == "bfloat16"
+    assert run["config"]["bytes_per_param"]["step"] == 28
+    assert all(case["median_s"] > 0 for case in run["cases"]), run["cases"]
+
+
 def test_parse_size():
     assert workloads.parse_size("4M") == 4 << 20
     assert workloads.parse_size("64k") == 65536

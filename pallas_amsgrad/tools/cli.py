@@ -55,16 +55,25 @@ def _bench(args, parser) -> int:
         if "cases" not in baseline or "config" not in baseline:
             parser.error(f"{args.compare} is not a `pallas-amsgrad bench` JSON file")
     config = contenders.Config(
-        dtype=args.dtype, mu_dtype=args.mu_dtype, recipe=args.recipe
+        dtype=args.dtype,
+        mu_dtype=args.mu_dtype,
+        recipe=args.recipe,
+        nu_dtype=args.nu_dtype,
     )
     if baseline is not None:
         theirs = baseline["config"]
-        theirs = (theirs["dtype"], theirs["mu_dtype"], theirs.get("recipe", False))
-        ours = (config.dtype, config.mu_dtype, config.recipe)
+        theirs = (
+            theirs["dtype"],
+            theirs["mu_dtype"],
+            theirs.get("recipe", False),
+            theirs.get("nu_dtype"),
+        )
+        ours = (config.dtype, config.mu_dtype, config.recipe, config.nu_dtype)
         if theirs != ours:
             parser.error(
-                f"{args.compare} measured dtype, mu_dtype, recipe = {theirs}; this "
-                f"run {ours}: pass the same --dtype/--mu-dtype/--recipe"
+                f"{args.compare} measured dtype, mu_dtype, recipe, nu_dtype = "
+                f"{theirs}; this run {ours}: pass the same "
+                "--dtype/--mu-dtype/--recipe/--nu-dtype"
             )
     cases = measure.measure(
         chosen,
@@ -172,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         choices=["float32", "bfloat16"],
         help="default: param",
+    )
+    bench.add_argument(
+        "--nu-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="nu and nu_max's storage in this package's step (optax and torch "
+        "have no such option); default: param",
     )
     bench.add_argument("--rounds", type=int, default=5, help="timed calls per case")
     bench.add_argument("--json", default="bench.json", metavar="PATH")

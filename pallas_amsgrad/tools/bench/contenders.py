@@ -22,8 +22,11 @@ LEARNING_RATE = 1e-3
 ROOFLINE = "roofline"
 
 
-def min_bytes_per_param(dtype, mu_dtype, job: str, recipe: bool = False) -> int:
-    """The least a `job` must read and write per parameter.
+def min_bytes_per_param(
+    dtype, mu_dtype, job: str, recipe: bool = False, nu_dtype=None
+) -> int:
+    """The least a `job` must read and write per parameter (nu and nu_max in
+    `nu_dtype`, where given).
 
     step: read param, grad, mu, nu, nu_max; write param, mu, nu, nu_max.
     update: read grad, mu, nu, nu_max; write update, mu, nu, nu_max.
@@ -34,12 +37,13 @@ def min_bytes_per_param(dtype, mu_dtype, job: str, recipe: bool = False) -> int:
     if recipe:
         p = jnp.dtype(dtype).itemsize
         extra = p + (p if job == "update" else 0)
-        return min_bytes_per_param(dtype, mu_dtype, job) + extra
+        return min_bytes_per_param(dtype, mu_dtype, job, nu_dtype=nu_dtype) + extra
     p = jnp.dtype(dtype).itemsize
     m = jnp.dtype(mu_dtype or dtype).itemsize
-    update_dtype = jnp.result_type(dtype, mu_dtype or dtype)
+    n = jnp.dtype(nu_dtype or dtype).itemsize
+    update_dtype = jnp.result_type(dtype, mu_dtype or dtype, nu_dtype or dtype)
     u = jnp.dtype(update_dtype).itemsize
-    moments = 2 * (m + 2 * p)  # mu, nu, nu_max read and written.
+    moments = 2 * (m + 2 * n)  # mu, nu, nu_max read and written.
     if job == "step":
         return p + p + p + moments  # grad read, param read and written.
     if job == "update":
@@ -55,6 +59,14 @@ class Config:
     mu_dtype: str | None = None
     # The AdamW-style recipe: clipping, decay of matrices, non-finite skips.
     recipe: bool = False
+    # nu and nu_max's storage in this package's step; optax and torch have no
+    # such option and keep them in the param dtype.
+    nu_dtype: str | None = None
+
+    def min_bytes_per_param(self, job: str) -> int:
+        return min_bytes_per_param(
+            self.dtype, self.mu_dtype, job, self.recipe, self.nu_dtype
+        )
 
 
 def _matrices(tree):
@@ -136,7 +148,9 @@ def _carry_step(fn, donate: bool, shapes, config, optimizer):
 def _ours(config):
     """This package's optimizer with its default implementation here."""
     options = RECIPE if config.recipe else {}
-    return pallas_amsgrad.amsgrad(LEARNING_RATE, mu_dtype=config.mu_dtype, **options)
+    return pallas_amsgrad.amsgrad(
+        LEARNING_RATE, mu_dtype=config.mu_dtype, nu_dtype=config.nu_dtype, **options
+    )
 
 
 def _our_step(donate: bool):
@@ -183,9 +197,10 @@ def roofline_pass(shapes, config):
     """The same leaves and bytes as a fused step, with trivial arithmetic."""
     params, grads = _inputs(shapes, config)
     mu_dtype = config.mu_dtype or config.dtype
+    nu_dtype = config.nu_dtype or config.dtype
     moments = [
         jax.tree.map(lambda p, d=d: jnp.zeros_like(p, dtype=d), params)
-        for d in (mu_dtype, config.dtype, config.dtype)
+        for d in (mu_dtype, nu_dtype, nu_dtype)
     ]
 
     def stream(params, moments, grads):
@@ -197,7 +212,12 @@ def roofline_pass(shapes, config):
             grads = jax.tree.map(lambda g: g * norm.astype(g.dtype), grads)
 
         def leaf(g, p, m, n, v):
-            return p + g, m + g.astype(m.dtype), n + g, jnp.maximum(v, g)
+            return (
+                p + g,
+                m + g.astype(m.dtype),
+                n + g.astype(n.dtype),
+                jnp.maximum(v, g.astype(v.dtype)),
+            )
 
         out = jax.tree.map(leaf, grads, params, *moments)
         new_params, *new_moments = (

@@ -23,7 +23,6 @@ from pallas_amsgrad.tools.bench.contenders import (
     ROOFLINE,
     Config,
     Contender,
-    min_bytes_per_param,
     roofline_pass,
 )
 from pallas_amsgrad.tools.workloads import Shapes
@@ -82,18 +81,14 @@ def measure(
     cases = []
     start = time.perf_counter()
     total = len(workloads_) * len(contenders_)
-    step_bytes = min_bytes_per_param(
-        config.dtype, config.mu_dtype, "step", config.recipe
-    )
+    step_bytes = config.min_bytes_per_param("step")
     for w, (workload, shapes) in enumerate(workloads_.items()):
         parameters = sum(math.prod(s) for s in shapes.values())
         roofline = roofline_pass(shapes, config)
         roofline()  # Compiles.
         for c, contender in enumerate(contenders_):
             job = contender.job
-            bytes_per_param = min_bytes_per_param(
-                config.dtype, config.mu_dtype, job, config.recipe
-            )
+            bytes_per_param = config.min_bytes_per_param(job)
             note, times, roofline_times = "", [], []
             try:
                 if contender.name == ROOFLINE:  # The reference: 1 by definition.

@@ -9,7 +9,6 @@ from pallas_amsgrad.tools.bench.contenders import (
     LEARNING_RATE,
     ROOFLINE,
     Config,
-    min_bytes_per_param,
 )
 from pallas_amsgrad.tools.bench.measure import Case, format_ms
 from pallas_amsgrad.tools.environment import environment
@@ -21,6 +20,7 @@ def report(cases: list[Case], config: Config, rounds: int) -> dict:
         "config": {
             "dtype": config.dtype,
             "mu_dtype": config.mu_dtype,
+            "nu_dtype": config.nu_dtype,
             "recipe": config.recipe,
             "rounds": rounds,
             "learning_rate": LEARNING_RATE,
@@ -28,14 +28,22 @@ def report(cases: list[Case], config: Config, rounds: int) -> dict:
             "alternates with a roofline call, and of_roofline is the median of "
             "the per-round ratios",
             "bytes_per_param": {
-                job: min_bytes_per_param(
-                    config.dtype, config.mu_dtype, job, config.recipe
-                )
+                job: config.min_bytes_per_param(job)
                 for job in ("step", "update", "update+apply")
             },
         },
         "cases": [dataclasses.asdict(c) for c in cases],
     }
+
+
+def _nu_dtype(config: dict) -> str:
+    """ ", nu_dtype bfloat16 (this package; optax and torch: param)", or ""."""
+    if not config.get("nu_dtype"):
+        return ""
+    return (
+        f", nu_dtype {config['nu_dtype']} (this package; optax and torch keep "
+        "nu in the param dtype)"
+    )
 
 
 def format_table(run: dict) -> str:
@@ -48,6 +56,7 @@ def format_table(run: dict) -> str:
         f"pallas-amsgrad bench on {env['backend']} ({env['devices']}; {env['cpu']}), "
         f"jax {env['jax']}, optax {env['optax']}, torch {env['torch']}",
         f"params {config['dtype']}, mu_dtype {config['mu_dtype'] or 'param'}"
+        f"{_nu_dtype(config)}"
         f"{', recipe (clip, decay, skips)' if config.get('recipe') else ''}; "
         f"minimum bytes/param: {config['bytes_per_param']}; "
         f"median of {config['rounds']} calls",
@@ -171,6 +180,7 @@ def plot(run: dict, path: str) -> None:
     fractions.legend(fontsize=8)
     figure.suptitle(
         f"AMSGrad step, {config['dtype']} params, mu {config['mu_dtype'] or 'param'}"
+        f"{_nu_dtype(config)}"
         f" - {env['backend']} ({env['devices']}; {env['cpu']})",
         fontsize=10,
     )
