@@ -302,9 +302,9 @@ def sum_per_shard(
       leaves: the arrays, sharded in any way.
     """
     leaves = tuple(leaves)
-    mesh = jax.sharding.get_abstract_mesh()
     if jax.device_count() == 1 or not leaves:
-        return _local_sum(leaf_sum, leaves, (None,) * len(leaves), ())
+        return _run_sum(leaves, leaf_sum)
+    mesh = jax.sharding.get_abstract_mesh()
     explicit_axes = _explicit_axes(mesh)
     if explicit_axes:
         specs = tuple(jax.typeof(x).sharding.spec for x in leaves)
@@ -335,6 +335,7 @@ def _local_sum(leaf_sum, leaves, specs, axis_names):
 
 
 def _run_sum(leaves, leaf_sum):
+    """The whole sum on one device (no mesh axes)."""
     return _local_sum(leaf_sum, leaves, (None,) * len(leaves), ())
 
 
