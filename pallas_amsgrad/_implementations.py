@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol
 import jax
 import jax.numpy as jnp
 
-from pallas_amsgrad import _math
+from pallas_amsgrad import _math, _rounding
 from pallas_amsgrad.kernels import common, dispatch, xla
 
 
@@ -35,6 +35,7 @@ class Implementation(Protocol):
         *,
         out_dtypes: Sequence[jnp.dtype],
         operands: _math.Operands,
+        streams: _rounding.Streams | None = None,
     ) -> list[tuple[jax.Array, ...]]: ...
 
 
@@ -63,12 +64,13 @@ class Pallas:
                 f"block_sizes={self.block_sizes!r} must be a BlockSizes or None"
             )
 
-    def __call__(self, coefficients, leaves, *, out_dtypes, operands):
+    def __call__(self, coefficients, leaves, *, out_dtypes, operands, streams=None):
         return dispatch.amsgrad_pallas_group(
             coefficients,
             leaves,
             out_dtypes=out_dtypes,
             operands=operands,
+            streams=streams,
             block_sizes=self.block_sizes,
             interpret_params=self.interpret_params,
         )
@@ -80,9 +82,13 @@ class Xla:
 
     name: ClassVar[str] = "xla"
 
-    def __call__(self, coefficients, leaves, *, out_dtypes, operands):
+    def __call__(self, coefficients, leaves, *, out_dtypes, operands, streams=None):
         return xla.amsgrad_xla_group(
-            coefficients, leaves, out_dtypes=out_dtypes, operands=operands
+            coefficients,
+            leaves,
+            out_dtypes=out_dtypes,
+            operands=operands,
+            streams=streams,
         )
 
 
@@ -187,11 +193,26 @@ class Default:
     name: ClassVar[str] = "default"
     block_sizes: common.BlockSizes | None = None
 
-    def __call__(self, coefficients, leaves, *, out_dtypes, operands):
+    def __call__(self, coefficients, leaves, *, out_dtypes, operands, streams=None):
         device = placed_device([x for leaf in leaves for x in leaf])
-        return for_device(self, device)(
-            coefficients, leaves, out_dtypes=out_dtypes, operands=operands
+        return call(
+            for_device(self, device),
+            coefficients,
+            leaves,
+            out_dtypes=out_dtypes,
+            operands=operands,
+            streams=streams,
         )
+
+
+def call(implementation, coefficients, leaves, *, out_dtypes, operands, streams):
+    """`implementation` on a group; `streams` passed only where the group
+    rounds stochastically, so an implementation object written without it
+    still runs every other step."""
+    extra = {} if streams is None else {"streams": streams}
+    return implementation(
+        coefficients, leaves, out_dtypes=out_dtypes, operands=operands, **extra
+    )
 
 
 def for_device(implementation: Implementation, device) -> Implementation:

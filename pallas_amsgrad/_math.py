@@ -181,6 +181,9 @@ class Operands:
 
     apply_to_params: bool
     terms: Terms = Terms()
+    # Per output, whether it is rounded stochastically (`_rounding`): the
+    # 16-bit ones a step stores, when the optimizer asks for it.
+    stochastic: tuple[bool, bool, bool, bool] = (False, False, False, False)
 
     @property
     def reads_param(self) -> bool:
@@ -223,6 +226,10 @@ class Operands:
 
     def with_terms(self, terms: Terms) -> Operands:
         return dataclasses.replace(self, terms=terms)
+
+    @property
+    def rounds_stochastically(self) -> bool:
+        return any(self.stochastic)
 
 
 STEP = Operands(apply_to_params=True)

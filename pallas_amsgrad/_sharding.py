@@ -46,7 +46,7 @@ from jax.experimental.custom_partitioning import (
 )
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from pallas_amsgrad import _math
+from pallas_amsgrad import _implementations, _math, _rounding
 
 
 class _Group(NamedTuple):
@@ -57,10 +57,69 @@ class _Group(NamedTuple):
     out_dtypes: tuple[Any, ...]
     operands: _math.Operands
 
-    def run(self, coefficients, leaves):
-        return self.implementation(
-            coefficients, leaves, out_dtypes=self.out_dtypes, operands=self.operands
+    def run(self, coefficients, leaves, keys=None, *, layout=None):
+        """The group on `leaves` (whole, or this device's shards). Where it
+        rounds stochastically, `keys` are its `_rounding.Streams.keys` and
+        `layout` (`_ShardLayout`) places the shards in their whole leaves."""
+        streams = None
+        if self.operands.rounds_stochastically:
+            layout = layout or _ShardLayout.whole(leaves)
+            streams = layout.streams(keys)
+            if not isinstance(self.implementation, _implementations.Xla):
+                self._check_contiguous(streams, leaves)
+        return _implementations.call(
+            self.implementation,
+            coefficients,
+            leaves,
+            out_dtypes=self.out_dtypes,
+            operands=self.operands,
+            streams=streams,
         )
+
+    def _check_contiguous(self, streams, leaves):
+        """A kernel numbers a shard's elements from the shard's first one, so
+        with stochastic rounding each shard must be one run of its leaf."""
+        for k, (path, leaf) in enumerate(zip(self.paths, leaves, strict=True)):
+            if not streams.is_contiguous(k, leaf[0].shape):
+                raise ValueError(
+                    f"stochastic rounding in the Pallas kernel needs each "
+                    f"device's shard of a leaf to be one contiguous run of it, "
+                    f"but params{path} of shape {streams.shapes[k]} is split "
+                    f"into shards of {leaf[0].shape}; shard it along its first "
+                    "dim only, or use implementation='xla', which rounds any "
+                    "sharding"
+                )
+
+
+class _ShardLayout(NamedTuple):
+    """How a group's leaves are split over the mesh (static): each leaf's
+    whole shape and its PartitionSpec, and the mesh's axis sizes."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    specs: tuple[Any, ...]
+    mesh_sizes: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def whole(cls, leaves) -> _ShardLayout:
+        return cls(tuple(leaf[0].shape for leaf in leaves), (None,) * len(leaves))
+
+    def streams(self, keys) -> _rounding.Streams:
+        """The leaves' streams, with this device's shard offsets (read from
+        its mesh axis indices, so only inside a per-device function)."""
+        sizes = dict(self.mesh_sizes)
+        starts = []
+        for shape, spec in zip(self.shapes, self.specs, strict=True):
+            entries = tuple(spec or ()) + (None,) * (len(shape) - len(spec or ()))
+            dims = []
+            for size, entry in zip(shape, entries, strict=True):
+                axes = _axes(entry)
+                shard = 0
+                for axis in axes:  # The first axis is the major one.
+                    shard = shard * sizes[axis] + jax.lax.axis_index(axis)
+                ways = math.prod(sizes[axis] for axis in axes)
+                dims.append(shard * (size // ways) if axes else 0)
+            starts.append(tuple(dims))
+        return _rounding.Streams(keys, tuple(starts), self.shapes)
 
 
 def per_shard(
@@ -71,6 +130,7 @@ def per_shard(
     paths: Sequence[str],
     out_dtypes: Sequence[Any],
     operands: _math.Operands,
+    keys: jax.Array | None = None,
 ) -> list[tuple[jax.Array, ...]]:
     """`implementation` run on each device's shards of `leaves`; see the
     module doc.
@@ -82,6 +142,9 @@ def per_shard(
       leaves: per leaf, its inputs in `operands` order.
       paths: each leaf's key path, to name it in errors.
       out_dtypes, operands: passed on to `implementation`.
+      keys: uint32 (leaves, 4), the stream keys, where `operands` rounds
+        stochastically; each device's bits are those of its elements' places
+        in the whole leaves.
 
     Returns:
       Per leaf, its outputs in `operands` order, each sharded as the leaf's
@@ -89,12 +152,14 @@ def per_shard(
     """
     group = _Group(implementation, tuple(paths), tuple(out_dtypes), operands)
     leaves = [tuple(leaf) for leaf in leaves]
+    if keys is None:  # A replicated operand of the partitioned op, unread.
+        keys = jnp.zeros((len(leaves), 4), jnp.uint32)
     if jax.device_count() == 1:  # Nothing to partition.
-        return group.run(coefficients, leaves)
+        return group.run(coefficients, leaves, keys)
     mesh = jax.sharding.get_abstract_mesh()
     explicit_axes = _explicit_axes(mesh)
     if explicit_axes:
-        return _in_shard_map(group, mesh, explicit_axes, coefficients, leaves)
+        return _in_shard_map(group, mesh, explicit_axes, coefficients, leaves, keys)
     if not jax.config.jax_use_shardy_partitioner:
         raise ValueError(
             "the AMSGrad step on several devices needs jax's default Shardy "
@@ -105,7 +170,7 @@ def per_shard(
         # Concrete arrays (an eager call) carry their shardings: check now.
         shardings = [_concrete_named_sharding(x) for x in leaf]
         check_leaf(path, group.operands, leaf[0].shape, shardings)
-    return _partitioned_group(coefficients, leaves, group)
+    return _partitioned_group(coefficients, leaves, keys, group)
 
 
 def check_leaf(
@@ -186,9 +251,9 @@ def _explicit_axes(mesh) -> tuple[str, ...]:
     return explicit_axes
 
 
-def _in_shard_map(group: _Group, mesh, explicit_axes, coefficients, leaves):
+def _in_shard_map(group: _Group, mesh, explicit_axes, coefficients, leaves, keys):
     """Explicit axes: shardings are in the types, so check them and shard_map."""
-    in_specs, out_specs = [], []
+    in_specs, out_specs, specs = [], [], []
     for index, (path, leaf) in enumerate(zip(group.paths, leaves, strict=True)):
         shardings = [jax.typeof(x).sharding for x in leaf]
         reference = check_leaf(path, group.operands, leaf[0].shape, shardings)
@@ -200,27 +265,33 @@ def _in_shard_map(group: _Group, mesh, explicit_axes, coefficients, leaves):
             leaves[index] = tuple(leaf)
         in_specs.append((spec,) * len(leaf))
         out_specs.append((spec,) * len(group.out_dtypes))
+        specs.append(spec)
+    layout = _ShardLayout(
+        tuple(leaf[0].shape for leaf in leaves),
+        tuple(specs),
+        tuple(dict(mesh.shape).items()),
+    )
     return jax.shard_map(
-        group.run,
+        functools.partial(group.run, layout=layout),
         mesh=mesh,
-        in_specs=(PartitionSpec(), in_specs),
+        in_specs=(PartitionSpec(), in_specs, PartitionSpec()),
         out_specs=out_specs,
         axis_names=set(explicit_axes),
         # pallas_call declares no per-axis variance of its outputs.
         check_vma=False,
-    )(coefficients, leaves)
+    )(coefficients, leaves, keys)
 
 
-def _run_group(coefficients, leaves, group: _Group):
-    return group.run(coefficients, leaves)
+def _run_group(coefficients, leaves, keys, group: _Group):
+    return group.run(coefficients, leaves, keys)
 
 
-_partitioned_group = custom_partitioning(_run_group, static_argnums=(2,))
+_partitioned_group = custom_partitioning(_run_group, static_argnums=(3,))
 
 
 def _leaf_shardings(group: _Group, arg_shapes):
     """Checks each leaf's operands' shardings; returns the reference ones."""
-    _, leaves = arg_shapes
+    _, leaves, _ = arg_shapes
     references = []
     for path, leaf in zip(group.paths, leaves, strict=True):
         shardings = [x.sharding for x in leaf]
@@ -231,19 +302,26 @@ def _leaf_shardings(group: _Group, arg_shapes):
 def _partition(group: _Group, mesh, arg_shapes, result_shape):
     del result_shape
     references = _leaf_shardings(group, arg_shapes)
-    _, leaves = arg_shapes
+    _, leaves, _ = arg_shapes
+    replicated = NamedSharding(mesh, PartitionSpec())
     arg_shardings = (
-        NamedSharding(mesh, PartitionSpec()),
+        replicated,
         [
             (reference,) * len(leaf)
             for reference, leaf in zip(references, leaves, strict=True)
         ],
+        replicated,
     )
     result_shardings = [
         (reference,) * len(group.out_dtypes) for reference in references
     ]
-
-    return mesh, _without_refs(group.run), result_shardings, arg_shardings
+    layout = _ShardLayout(
+        tuple(leaf[0].shape for leaf in leaves),
+        tuple(r.spec if isinstance(r, NamedSharding) else None for r in references),
+        tuple(dict(mesh.shape).items()),
+    )
+    run = functools.partial(group.run, layout=layout)
+    return mesh, _without_refs(run), result_shardings, arg_shardings
 
 
 def _without_refs(fn):
@@ -273,11 +351,12 @@ def _sharding_rule(group: _Group, mesh, operand_types, result_types):
         dims = tuple(f"leaf{leaf_index}_dim{d}" for d in range(rank))
         operands += [dims] * operand_count
         results += [dims] * len(group.out_dtypes)
+    operands.append(("key_leaves", "key_outputs"))
     assert len(results) == len(result_types)
     return SdyShardingRule(
         tuple(operands),
         tuple(results),
-        need_replication_factors=("coefficients",),
+        need_replication_factors=("coefficients", "key_leaves", "key_outputs"),
     )
 
 

@@ -7,6 +7,7 @@ run per shard on a mesh by `_sharding.per_shard`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -14,7 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pallas_amsgrad import _implementations, _math, _sharding, _validation
+from pallas_amsgrad import (
+    _implementations,
+    _math,
+    _rounding,
+    _sharding,
+    _validation,
+)
 
 
 class Recipe(NamedTuple):
@@ -47,6 +54,9 @@ class Hyperparams(NamedTuple):
     bias_correction_mu: bool
     bias_correction_nu: bool
     nu_dtype: jnp.dtype | None = None  # Storage of nu and nu_max; not in optax.
+    # Not in optax: 16-bit stores rounded stochastically (`_rounding`).
+    stochastic_rounding: bool = False
+    seed: jax.typing.ArrayLike = 0
 
 
 @functools.partial(jax.jit, inline=True)
@@ -97,6 +107,15 @@ def global_norm_and_finiteness(grads: Any) -> tuple[jax.Array, jax.Array]:
         lambda: jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves])),
     )
     return jnp.sqrt(total), finite
+
+
+def _stochastic_outputs(out_dtypes, apply_to_params: bool) -> tuple[bool, ...]:
+    """Which outputs are rounded stochastically: every 16-bit one that is
+    stored (the new param, mu, nu, nu_max), not the update of `update`."""
+    return tuple(
+        jnp.dtype(dtype) in _rounding.SIXTEEN_BITS and (j > 0 or apply_to_params)
+        for j, dtype in enumerate(out_dtypes)
+    )
 
 
 def _sum_of_squares(grad: jax.Array) -> jax.Array:
@@ -186,6 +205,10 @@ def fused_update(
             compute = jnp.result_type(compute, param.dtype)
         if apply_to_params:
             out_dtypes = (param.dtype, *out_dtypes[1:])
+        if hp.stochastic_rounding:
+            operands = dataclasses.replace(
+                operands, stochastic=_stochastic_outputs(out_dtypes, apply_to_params)
+            )
         inputs = (param, grad, mu, nu, nu_max)[0 if operands.reads_param else 1 :]
         key = (tuple(x.dtype for x in inputs), out_dtypes, compute, operands)
         groups.setdefault(key, []).append((index, inputs))
@@ -206,6 +229,14 @@ def fused_update(
             weight_decay=0 if recipe.weight_decay is None else recipe.weight_decay,
             accept=1 if recipe.accept is None else recipe.accept,
         )
+        keys = None
+        if operands.rounds_stochastically:
+            keys = jnp.stack(
+                [
+                    _rounding.stream_keys(hp.seed, count, paths[index])
+                    for index, _ in members
+                ]
+            )
         outputs = _sharding.per_shard(
             # The kernels are written for real dtypes: complex leaves take
             # the XLA path, the same block math.
@@ -217,6 +248,7 @@ def fused_update(
             paths=[paths[index] for index, _ in members],
             out_dtypes=out_dtypes,
             operands=operands,
+            keys=keys,
         )
         for (index, _), leaf_outputs in zip(members, outputs, strict=True):
             results[index] = leaf_outputs

@@ -323,6 +323,8 @@ def scale_by_amsgrad(
     bias_correction_nu: bool = True,
     *,
     nu_dtype: Any | None = None,
+    stochastic_rounding: bool = False,
+    seed: jax.typing.ArrayLike = 0,
     implementation: ImplementationArg = None,
     block_sizes: BlockSizes | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -334,6 +336,14 @@ def scale_by_amsgrad(
       nu_dtype: the dtype `nu` and `nu_max` are stored in (None: as optax,
         the gradients'); a real floating dtype no wider than the computation.
         The step computes in at least float32 and rounds them to it once.
+      stochastic_rounding: round every value stored in 16 bits (mu, nu,
+        nu_max; and the params in `step`) stochastically: to a neighbour at
+        random, unbiased, so that small changes survive on average. Float32
+        storage, and the updates `update` returns, round to nearest as ever.
+      seed: an integer (taken modulo 2**32) that with the step count, each
+        leaf's key path and each element's index determines the random
+        bits: a step is reproducible, and its bits do not depend on the
+        implementation, the block sizes or the sharding.
       implementation: "pallas" (the fused kernel; interpreted on CPU), "xla"
         (the same math as XLA fusions), an implementation object
         (`pallas_amsgrad.Pallas(...)`, `pallas_amsgrad.Xla()`), or None:
@@ -346,6 +356,7 @@ def scale_by_amsgrad(
     """
     for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
         _validation.check_scalar(name, value)
+    _validation.check_stochastic_rounding(stochastic_rounding, seed)
     hp = _step.Hyperparams(
         b1,
         b2,
@@ -355,6 +366,8 @@ def scale_by_amsgrad(
         bool(bias_correction_mu),
         bool(bias_correction_nu),
         _validation.canonical_state_dtype("nu_dtype", nu_dtype),
+        bool(stochastic_rounding),
+        seed,
     )
     update = _ScaleByAmsgradUpdate(
         hp, _implementations.resolve(implementation, block_sizes)
@@ -375,6 +388,8 @@ def amsgrad(
     bias_correction_nu: bool = True,
     *,
     nu_dtype: Any | None = None,
+    stochastic_rounding: bool = False,
+    seed: jax.typing.ArrayLike = 0,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Any = None,
     max_grad_norm: jax.typing.ArrayLike | None = None,
@@ -410,6 +425,9 @@ def amsgrad(
       nu_dtype: the dtype `nu` and `nu_max` are stored in (see
         `scale_by_amsgrad`); e.g. `jnp.bfloat16` halves their memory and
         traffic. The state keeps optax's structure, with narrower leaves.
+      stochastic_rounding, seed: 16-bit stores rounded stochastically (see
+        `scale_by_amsgrad`): the params in `step` too, which lets bfloat16
+        params train without float32 master weights.
       weight_decay: decoupled weight decay (AdamW's): the update becomes
         `-lr * (direction + weight_decay * param)`; a non-negative scalar or a
         schedule. `update` then needs the params.
@@ -453,6 +471,8 @@ def amsgrad(
         bias_correction_mu,
         bias_correction_nu,
         nu_dtype=nu_dtype,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
         implementation=implementation,
         block_sizes=block_sizes,
     )

@@ -181,6 +181,25 @@ def check_max_consecutive_errors(value: Any) -> None:
         )
 
 
+def check_stochastic_rounding(stochastic_rounding: Any, seed: Any) -> None:
+    """A bool, and a seed that is an integer scalar (a Python or NumPy int,
+    or an integer array, traced too): its value taken modulo 2**32."""
+    if not isinstance(stochastic_rounding, bool | np.bool_):
+        raise TypeError(
+            f"stochastic_rounding={stochastic_rounding!r} must be True or False"
+        )
+    integer = not isinstance(seed, bool | np.bool_) and (
+        isinstance(seed, int | np.integer)
+        or (
+            hasattr(seed, "dtype")
+            and jnp.issubdtype(seed.dtype, jnp.integer)
+            and jnp.ndim(seed) == 0
+        )
+    )
+    if not integer:
+        raise TypeError(f"seed={seed!r} must be an integer scalar")
+
+
 def check_mask(mask: Any) -> None:
     """None, a callable, or a pytree whose leaves are all Python/NumPy bools."""
     if mask is None or callable(mask):

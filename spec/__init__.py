@@ -25,9 +25,23 @@ from .amsgrad import (
     step,
     update,
 )
-from .rounding import mix32, random_bits, stochastic_round, stream_key
+from .rounding import (
+    MU,
+    NU,
+    NU_MAX,
+    PARAM,
+    leaf_id,
+    mix32,
+    random_bits,
+    stochastic_round,
+    stream_key,
+)
 
 __all__ = [
+    "MU",
+    "NU",
+    "NU_MAX",
+    "PARAM",
     "AmsgradState",
     "FiniteGuardState",
     "Hyperparams",
@@ -47,6 +61,7 @@ __all__ = [
     "increment_count",
     "init",
     "init_state",
+    "leaf_id",
     "mix32",
     "random_bits",
     "running_max",

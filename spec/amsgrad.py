@@ -28,6 +28,10 @@ Precision rule
   `mu`: their storage dtype only. The step computes them, and the update
   from them, exactly as without it, and rounds them to `nu_dtype` once, as
   they are stored; the next step reads the rounded values.
+* `stochastic_rounding` (not in optax) changes only that one rounding, for the
+  values stored in 16 bits (the param in `step`; mu, nu and nu_max): each
+  goes to a neighbour at random, unbiased (`rounding.py`). Float32 outputs
+  and the updates of `update` are rounded as without it.
 * Values are computed in the leaves' promoted dtype raised to at least float32
   (float32 for bfloat16/float16/float32 leaves, float64 for float64 leaves)
   and rounded once, to each output's dtype, at the end.
@@ -50,6 +54,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from .rounding import (
+    MU,
+    NU,
+    NU_MAX,
+    PARAM,
+    leaf_id,
+    random_bits,
+    stochastic_round,
+    stream_key,
+)
 
 Schedule = Callable[[jax.Array], jax.typing.ArrayLike]
 
@@ -100,6 +115,11 @@ class Hyperparams:
     max_grad_norm: jax.typing.ArrayLike | None = None
     # As `optax.apply_if_finite(..., max_consecutive_errors)`.
     max_consecutive_errors: int | None = None
+    # Not in optax: every value stored in 16 bits (the param in `step`, and
+    # mu, nu, nu_max) rounded stochastically (`rounding.stochastic_round`),
+    # by bits that `seed`, the count, the leaf and the array determine.
+    stochastic_rounding: bool = False
+    seed: Any = 0
 
     @property
     def decays(self) -> bool:
@@ -342,25 +362,47 @@ def _exact_step(grads, state, params, hp):
             jax.tree.leaves(grads), *moments, flat_params, decayed, strict=True
         )
     ]
-    return treedef, leaves, count
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree.leaves_with_path(grads)]
+    return treedef, leaves, count, paths
 
 
-def _rounded_state(treedef, leaves, count, hp) -> AmsgradState:
+def store(value, dtype, hp: Hyperparams, count, path: str, array: int):
+    """`value` rounded once to the `dtype` it is stored in: to nearest, or
+    stochastically where `hp` asks for it and `dtype` has 16 bits. `path` is
+    the leaf's key path; `array` is `rounding.PARAM`, `MU`, `NU` or `NU_MAX`."""
+    dtype = jnp.dtype(dtype)
+    if not hp.stochastic_rounding or dtype not in _SIXTEEN_BITS:
+        return value.astype(dtype)
+    key = stream_key(hp.seed, count, leaf_id(path), array)
+    return stochastic_round(value, dtype, random_bits(key, jnp.shape(value)))
+
+
+_SIXTEEN_BITS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _rounded_state(treedef, leaves, count, paths, hp) -> AmsgradState:
     """Round each leaf's moments once, to optax's state dtypes."""
 
-    def rounded(index, dtype_override=None):
+    def rounded(index, array, dtype_override=None):
         return treedef.unflatten(
             [
-                values[index].astype(dtype_override or dtypes[index])
-                for values, dtypes in leaves
+                store(
+                    values[index],
+                    dtype_override or dtypes[index],
+                    hp,
+                    count,
+                    path,
+                    array,
+                )
+                for (values, dtypes), path in zip(leaves, paths, strict=True)
             ]
         )
 
     return AmsgradState(
         count=count,
-        mu=rounded(1, hp.mu_dtype),
-        nu=rounded(2, hp.nu_dtype),
-        nu_max=rounded(3, hp.nu_dtype),
+        mu=rounded(1, MU, hp.mu_dtype),
+        nu=rounded(2, NU, hp.nu_dtype),
+        nu_max=rounded(3, NU_MAX, hp.nu_dtype),
     )
 
 
@@ -400,11 +442,12 @@ def update(grads, state, hp: Hyperparams, params=None):
     """
 
     def run(inner, accept):
-        treedef, leaves, count = _exact_step(grads, inner, params, hp)
+        treedef, leaves, count, paths = _exact_step(grads, inner, params, hp)
         updates = [values[0].astype(dtypes[0]) for values, dtypes in leaves]
         if accept is not None:
             updates = [jnp.where(accept, u, jnp.zeros_like(u)) for u in updates]
-        return treedef.unflatten(updates), _rounded_state(treedef, leaves, count, hp)
+        state = _rounded_state(treedef, leaves, count, paths, hp)
+        return treedef.unflatten(updates), state
 
     return _guarded(grads, state, hp, run)
 
@@ -423,11 +466,14 @@ def step(grads, state, params, hp: Hyperparams):
     """
 
     def run(inner, accept):
-        treedef, leaves, count = _exact_step(grads, inner, params, hp)
+        treedef, leaves, count, paths = _exact_step(grads, inner, params, hp)
         new_params = []
-        for p, (values, _) in zip(treedef.flatten_up_to(params), leaves, strict=True):
-            new = apply_update(p, values[0])
+        for p, (values, _), path in zip(
+            treedef.flatten_up_to(params), leaves, paths, strict=True
+        ):
+            new = store(p + values[0], jnp.result_type(p), hp, count, path, PARAM)
             new_params.append(new if accept is None else jnp.where(accept, new, p))
-        return treedef.unflatten(new_params), _rounded_state(treedef, leaves, count, hp)
+        state = _rounded_state(treedef, leaves, count, paths, hp)
+        return treedef.unflatten(new_params), state
 
     return _guarded(grads, state, hp, run)

@@ -6,13 +6,17 @@ away from zero with probability equal to the value's fraction of the gap
 between them, so that the rounding is unbiased and small updates are not
 lost on average.
 
-The random bits are a pure function of (seed, step count, leaf index,
+The random bits are a pure function of (seed, step count, leaf, array,
 element index): no generator state, so a step is reproducible and every
 implementation (this spec, the XLA path, the TPU and GPU kernels, sharded or
-not) can compute the same bits for the same element.
+not) can compute the same bits for the same element. A leaf is named by its
+key path rather than its place in the tree, so adding a leaf to a model does
+not change the bits of the others.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +45,32 @@ def mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def stream_key(seed, count, leaf) -> jax.Array:
-    """k = mix32(mix32(mix32(seed) ^ count) ^ leaf): one stream of bits per
-    (seed, step count, leaf index), each taken modulo 2**32."""
-    as_uint32 = lambda v: jnp.asarray(v).astype(jnp.uint32)  # noqa: E731
-    key = mix32(as_uint32(seed))
-    key = mix32(key ^ as_uint32(count))
-    return mix32(key ^ as_uint32(leaf))
+# The arrays a step can round, each with a stream of its own: `array` below.
+PARAM, MU, NU, NU_MAX = range(4)
+
+
+def leaf_id(path: str) -> int:
+    """The leaf's name in its stream key: CRC-32 of the UTF-8 of its key path
+    as `jax.tree_util.keystr` spells it, e.g. "['dense']['w']"."""
+    return zlib.crc32(path.encode())
+
+
+def stream_key(seed, count, leaf, array) -> jax.Array:
+    """k = mix32(mix32(mix32(mix32(seed) ^ count) ^ leaf) ^ array): one stream
+    of bits per (seed, step count, `leaf_id`, array: PARAM, MU, NU or
+    NU_MAX), each taken modulo 2**32. The count is the step's own (the state's
+    count after the increment)."""
+    key = mix32(_as_uint32(seed))
+    key = mix32(key ^ _as_uint32(count))
+    key = mix32(key ^ _as_uint32(leaf))
+    return mix32(key ^ _as_uint32(array))
+
+
+def _as_uint32(value) -> jax.Array:
+    """An integer modulo 2**32, as uint32 (a Python int of any size too)."""
+    if isinstance(value, int):
+        return jnp.uint32(value % 2**32)
+    return jnp.asarray(value).astype(jnp.uint32)
 
 
 def random_bits(key, shape) -> jax.Array:

@@ -125,11 +125,16 @@ def _piecewise_schedule(base):
 
 @st.composite
 def hyperparams(
-    draw, mu_dtype=None, learning_rates=("constant", "schedule"), nu_dtypes=(None,)
+    draw,
+    mu_dtype=None,
+    learning_rates=("constant", "schedule"),
+    nu_dtypes=(None,),
+    stochastic_rounding=(False,),
 ):
     """spec.Hyperparams over both bias-correction flags, eps_root, lr kinds,
-    and `nu_dtypes`."""
+    `nu_dtypes` and `stochastic_rounding` (with a seed drawn where on)."""
     lr = draw(st.sampled_from([1e-3, 0.1]))
+    stochastic = draw(st.sampled_from(stochastic_rounding))
     kind = draw(st.sampled_from(learning_rates))
     return spec.Hyperparams(
         learning_rate=_piecewise_schedule(lr) if kind == "schedule" else lr,
@@ -141,6 +146,8 @@ def hyperparams(
         bias_correction_mu=draw(st.booleans()),
         bias_correction_nu=draw(st.booleans()),
         nu_dtype=draw(st.sampled_from(nu_dtypes)),
+        stochastic_rounding=stochastic,
+        seed=draw(st.integers(0, 2**32 - 1)) if stochastic else 0,
     )
 
 

@@ -21,13 +21,19 @@ import amsgrad_spec as spec
 import pallas_amsgrad
 
 INT32_MAX = np.iinfo(np.int32).max
+# Stochastic rounding drawn off and on: the same properties hold for both.
+BOTH = (False, True)
 
 
 @given(data=st.data())
 def test_nu_max_never_decreases(implementation, data):
     dtype = data.draw(st.sampled_from(strategies.PARAM_DTYPES))
     params, grads = data.draw(strategies.trajectories(dtype, steps=4))
-    hp = data.draw(strategies.hyperparams(nu_dtypes=[None, *strategies.NU_DTYPES]))
+    hp = data.draw(
+        strategies.hyperparams(
+            nu_dtypes=[None, *strategies.NU_DTYPES], stochastic_rounding=BOTH
+        )
+    )
     opt = optimizer(hp, implementation)
     state, step = opt.init(params), jax.jit(opt.step)
     for g in grads:
@@ -72,7 +78,9 @@ def test_bitwise_identical_across_block_sizes_and_runs(data):
     mu_dtype = data.draw(st.sampled_from(strategies.MU_DTYPES))
     params, grads = data.draw(strategies.trajectories(dtype))
     hp = data.draw(
-        strategies.hyperparams(mu_dtype, nu_dtypes=[None, *strategies.NU_DTYPES])
+        strategies.hyperparams(
+            mu_dtype, nu_dtypes=[None, *strategies.NU_DTYPES], stochastic_rounding=BOTH
+        )
     )
     note(f"{hp=}")
     reference = _run(optimizer(hp, "pallas"), params, grads)
@@ -97,7 +105,9 @@ def test_kernel_and_xla_path_give_the_same_bits(data):
     mu_dtype = data.draw(st.sampled_from(strategies.MU_DTYPES))
     params, grads = data.draw(strategies.trajectories(dtype))
     hp = data.draw(
-        strategies.hyperparams(mu_dtype, nu_dtypes=[None, *strategies.NU_DTYPES])
+        strategies.hyperparams(
+            mu_dtype, nu_dtypes=[None, *strategies.NU_DTYPES], stochastic_rounding=BOTH
+        )
     )
     note(f"{hp=}")
     kernel, xla = optimizer(hp, "pallas"), optimizer(hp, "xla")

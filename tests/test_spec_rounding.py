@@ -37,8 +37,8 @@ def test_mix32_is_murmur3_fmix32(values):
 
 
 def test_random_bits_are_the_elements_flat_index_hashed():
-    key = spec.stream_key(7, 3, 2)
-    assert int(key) == fmix32(fmix32(fmix32(7) ^ 3) ^ 2)
+    key = spec.stream_key(7, 3, 2, spec.MU)
+    assert int(key) == fmix32(fmix32(fmix32(fmix32(7) ^ 3) ^ 2) ^ spec.MU)
     bits = spec.random_bits(key, (3, 5))
     assert bits.shape == (3, 5) and bits.dtype == jnp.uint32
     expected = [fmix32(int(key) ^ fmix32(i)) for i in range(15)]
@@ -47,22 +47,30 @@ def test_random_bits_are_the_elements_flat_index_hashed():
     np.testing.assert_array_equal(spec.random_bits(key, (15,)), bits.reshape(-1))
 
 
-def test_streams_differ_by_seed_count_and_leaf():
+def test_streams_differ_by_seed_count_leaf_and_array():
     keys = [
-        spec.stream_key(seed, count, leaf)
+        spec.stream_key(seed, count, leaf, array)
         for seed in (0, 1)
         for count in (1, 2)
         for leaf in (0, 1)
+        for array in (spec.PARAM, spec.MU, spec.NU, spec.NU_MAX)
     ]
     streams = {tuple(np.asarray(spec.random_bits(k, (64,)))) for k in keys}
     assert len(streams) == len(keys)
+
+
+def test_a_leaf_is_named_by_the_crc32_of_its_path():
+    # CRC-32's published check value, and the empty string's.
+    assert spec.leaf_id("123456789") == 0xCBF43926
+    assert spec.leaf_id("") == 0
+    assert spec.leaf_id("['a']") != spec.leaf_id("['b']")
 
 
 def test_every_bit_is_a_fair_coin():
     """Each of the 32 bit positions over 2**16 consecutive elements: set in
     half of them within 6 standard deviations (sqrt(n) / 2)."""
     n = 2**16
-    bits = np.asarray(spec.random_bits(spec.stream_key(0, 1, 0), (n,)))
+    bits = np.asarray(spec.random_bits(spec.stream_key(0, 1, 0, spec.PARAM), (n,)))
     ones = [(bits >> b & 1).sum() for b in range(32)]
     bound = 6 * math.sqrt(n) / 2
     assert all(abs(count - n / 2) <= bound for count in ones), ones
@@ -170,7 +178,7 @@ def test_unbiased_within_the_sample_bound(x, dtype):
     subnormals (where the probability is rounded up to a multiple of it)."""
     n = 2**16
     x32 = float(np.float32(x))
-    bits = spec.random_bits(spec.stream_key(0, 1, 3), (n,))
+    bits = spec.random_bits(spec.stream_key(0, 1, 3, spec.NU), (n,))
     got = np.asarray(
         spec.stochastic_round(jnp.full((n,), x32, jnp.float32), dtype, bits),
         np.float64,
@@ -196,7 +204,9 @@ def test_never_below_a_representable_lower_bound(dtype, data):
         st.lists(st.floats(0, 1e3, width=32), min_size=len(old), max_size=len(old))
     )
     x = np.maximum(old, old * np.float32(1) + np.asarray(increase, np.float32))
-    bits = spec.random_bits(spec.stream_key(data.draw(UINT32), 1, 0), x.shape)
+    bits = spec.random_bits(
+        spec.stream_key(data.draw(UINT32), 1, 0, spec.PARAM), x.shape
+    )
     got = np.asarray(spec.stochastic_round(x, dtype, bits), np.float64)
     assert (got >= old).all(), (x, old, got)
 
@@ -208,7 +218,7 @@ def test_other_dtypes_are_refused():
 
 def test_jit_and_eager_agree():
     x = jnp.linspace(-3, 3, 1001, dtype=jnp.float32)
-    bits = spec.random_bits(spec.stream_key(5, 9, 1), x.shape)
+    bits = spec.random_bits(spec.stream_key(5, 9, 1, spec.NU_MAX), x.shape)
     for dtype in DTYPES:
         eager = spec.stochastic_round(x, dtype, bits)
         jitted = jax.jit(spec.stochastic_round, static_argnums=1)(x, dtype, bits)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_amsgrad import _math
+from pallas_amsgrad import _math, _rounding
 
 LANES = 128
 # Rows of a block must tile bfloat16/float16 on TPU (16 sublanes when packed).
@@ -171,11 +171,15 @@ def amsgrad_kernel(
     operands: _math.Operands,
     load: Callable = load,
     sqrt: Callable = jnp.sqrt,
+    keys: Sequence[jax.Array] | None = None,
+    index: Callable[[], jax.Array] | None = None,
 ):
     """The body: load blocks, run `step_block` in the compute dtype, store.
 
     `refs` are a leaf's input blocks in `operands` order, then its output
-    blocks.
+    blocks. Where `operands` rounds stochastically, `keys` are the leaf's
+    four stream keys and `index()` gives each block element's flat index in
+    the whole leaf (uint32, of the block's shape).
     """
     in_refs, out_refs = refs[: len(operands.inputs)], refs[len(operands.inputs) :]
     dtype = coefficients_ref.dtype
@@ -187,5 +191,40 @@ def amsgrad_kernel(
         operands,
         sqrt=sqrt,
     )
-    for out_ref, value in zip(out_refs, outputs, strict=True):
-        out_ref[...] = value.astype(out_ref.dtype)
+    stored = _rounding.store(
+        outputs,
+        [ref.dtype for ref in out_refs],
+        operands.stochastic,
+        keys,
+        index,
+    )
+    for out_ref, value in zip(out_refs, stored, strict=True):
+        out_ref[...] = value
+
+
+def rows_index(base, first_row, shape, layout: Callable | None = None) -> jax.Array:
+    """The flat index of each element of a (rows, 128) block whose first row
+    is `first_row` of a leaf's `as_rows` view, the view starting at flat
+    index `base`."""
+    rows, lanes = (iota(shape, d, layout) for d in range(2))
+    start = jnp.asarray(base, jnp.uint32) + jnp.asarray(
+        first_row, jnp.uint32
+    ) * jnp.uint32(LANES)
+    return start + rows * jnp.uint32(LANES) + lanes
+
+
+def iota(shape, dimension, layout: Callable | None = None) -> jax.Array:
+    """uint32 positions along `dimension`, from an int32 iota (what every
+    backend lowers); `layout` places it where the kernel needs (Mosaic GPU)."""
+    positions = jax.lax.broadcasted_iota(jnp.int32, tuple(shape), dimension)
+    if layout is not None:
+        positions = layout(positions)
+    return jax.lax.bitcast_convert_type(positions, jnp.uint32)
+
+
+def table_row(table_ref, leaf) -> tuple[list[jax.Array], jax.Array]:
+    """(the four keys, the base) of `leaf` in a `Streams.kernel_table`, read
+    as scalars from a flat (leaves * 5,) ref."""
+    width = _rounding.TABLE_WIDTH
+    keys = [table_ref[leaf * width + j] for j in range(4)]
+    return keys, table_ref[leaf * width + 4]

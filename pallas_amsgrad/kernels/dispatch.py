@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_amsgrad import _math
+from pallas_amsgrad import _math, _rounding
 from pallas_amsgrad.kernels import common, gpu, interpret, tpu
 
 _GROUP_KERNELS = {
@@ -31,6 +31,7 @@ def amsgrad_pallas_group(
     *,
     out_dtypes: Sequence[jnp.dtype],
     operands: _math.Operands,
+    streams: _rounding.Streams | None = None,
     block_sizes: common.BlockSizes | None = None,
     interpret_params: Any = None,
 ) -> list[tuple[jax.Array, ...]]:
@@ -42,6 +43,8 @@ def amsgrad_pallas_group(
         dtypes of each position are the same for every leaf.
       out_dtypes: dtypes of the outputs written, in `operands` order.
       operands: the order of each leaf's inputs and outputs.
+      streams: the random bits' keys and shard offsets, where `operands`
+        rounds stochastically.
       block_sizes: overrides every platform's default.
       interpret_params: a `pltpu.InterpretParams` runs the TPU kernel (its
         blocks, DMAs, SMEM scalars and two cores) in Pallas' TPU interpreter
@@ -60,6 +63,9 @@ def amsgrad_pallas_group(
         return results
     all_dtypes = [x.dtype for x in leaves[0]] + list(out_dtypes)
     arity = len(leaves[0])
+    tables = []
+    if operands.rounds_stochastically:
+        tables = [_stream_table(streams, leaves, nonempty)]
 
     def branch(platform, interpret_as=False):
         sizes = block_sizes or common.BlockSizes.get_default(platform)
@@ -68,11 +74,14 @@ def amsgrad_pallas_group(
         group_kernel = _GROUP_KERNELS.get(platform)
 
         def run(coefficients, *flat):
+            table = flat[0] if tables else None
+            flat = flat[len(tables) :]
             grouped = [flat[i : i + arity] for i in range(0, len(flat), arity)]
             options = dict(
                 out_dtypes=tuple(out_dtypes),
                 block_rows=sizes.block_rows,
                 operands=operands,
+                table=table,
             )
             if group_kernel is None:
                 return interpret.amsgrad_interpreted_group(
@@ -84,7 +93,7 @@ def amsgrad_pallas_group(
 
         return run
 
-    args = [coefficients, *(x for k in nonempty for x in leaves[k])]
+    args = [coefficients, *tables, *(x for k in nonempty for x in leaves[k])]
     if interpret_params is not None:
         platform = (
             "tpu" if isinstance(interpret_params, pltpu.InterpretParams) else "cuda"
@@ -101,3 +110,11 @@ def amsgrad_pallas_group(
     for k, leaf_outputs in zip(nonempty, outputs, strict=True):
         results[k] = tuple(leaf_outputs)
     return results
+
+
+def _stream_table(streams: _rounding.Streams, leaves, nonempty) -> jax.Array:
+    """The nonempty leaves' rows of `streams.kernel_table()`, flat (SMEM
+    holds 1-D arrays best). A kernel numbers a shard's elements from its
+    `base`: `_sharding` has checked that each shard is one run of its leaf."""
+    table = streams.kernel_table()
+    return jnp.concatenate([table[k] for k in nonempty])

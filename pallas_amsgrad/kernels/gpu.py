@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_amsgrad import _math
+from pallas_amsgrad import _math, _rounding
 from pallas_amsgrad.kernels import common
 
 GRID_AXIS = "blocks"
@@ -70,6 +70,7 @@ def amsgrad_gpu_group(
     out_dtypes: Sequence[jnp.dtype],
     block_rows: int,
     operands: _math.Operands,
+    table: jax.Array | None = None,
     interpret: Any = False,
 ) -> list[tuple[jax.Array, ...]]:
     """Mosaic GPU kernels for leaves sharing dtypes, in place: one launch per
@@ -81,6 +82,8 @@ def amsgrad_gpu_group(
       out_dtypes: dtypes of the outputs written, in `operands` order.
       block_rows: rows of 128 lanes per CUDA block.
       operands: the order of each leaf's inputs and outputs.
+      table: `dispatch`'s flat stream table (each leaf's four keys and base),
+        where the group rounds stochastically.
       interpret: Mosaic GPU interpreter parameters, to run the kernel on any
         backend. jax 0.10's interpreter does not take `jax.Ref` operands, so
         there every output is a new buffer.
@@ -97,16 +100,25 @@ def amsgrad_gpu_group(
             out_dtypes=out_dtypes,
             block_rows=block_rows,
             operands=operands,
+            table=None
+            if table is None
+            else table[
+                _rounding.TABLE_WIDTH * start : _rounding.TABLE_WIDTH
+                * (start + LEAVES_PER_LAUNCH)
+            ],
             interpret=interpret,
         )
     ]
 
 
-def _launch(coefficients, leaves, *, out_dtypes, block_rows, operands, interpret):
+def _launch(
+    coefficients, leaves, *, out_dtypes, block_rows, operands, table, interpret
+):
     """One Mosaic GPU kernel for the leaves; see `amsgrad_gpu_group`."""
     shapes = [leaf[0].shape for leaf in leaves]
     views = [tuple(map(common.as_rows, leaf)) for leaf in leaves]
     inputs = list(itertools.chain.from_iterable(views))
+    scalars = [coefficients] + ([] if table is None else [table])
     per_leaf_in, per_leaf_out = len(views[0]), len(out_dtypes)
     # {flat input: flat output} of the arrays written back in place.
     aliases = {} if interpret else common.group_aliases(views, out_dtypes, operands)
@@ -126,6 +138,9 @@ def _launch(coefficients, leaves, *, out_dtypes, block_rows, operands, interpret
     plan = segments([leaf[0].shape[0] for leaf in views], block_rows)
 
     def kernel(coefficients_ref, *operand_refs):
+        table_ref = None
+        if table is not None:
+            table_ref, *operand_refs = operand_refs
         in_refs = operand_refs[: len(inputs)]
         fresh = iter(operand_refs[len(inputs) :])
         out_refs = [
@@ -134,6 +149,7 @@ def _launch(coefficients, leaves, *, out_dtypes, block_rows, operands, interpret
         ]
         _group_kernel(
             coefficients_ref,
+            table_ref,
             in_refs,
             out_refs,
             plan=plan,
@@ -162,7 +178,7 @@ def _launch(coefficients, leaves, *, out_dtypes, block_rows, operands, interpret
             out_dtypes,
         ),
         name="amsgrad_group",  # pragma: no mutate
-    )(coefficients, *(in_place.get(i, x) for i, x in enumerate(inputs)))
+    )(*scalars, *(in_place.get(i, x) for i, x in enumerate(inputs)))
     fresh = iter(outputs)
     flat = [
         jax.freeze(in_place[output_of_input[j]])
@@ -181,6 +197,7 @@ def _launch(coefficients, leaves, *, out_dtypes, block_rows, operands, interpret
 
 def _group_kernel(
     coefficients_ref,
+    table_ref,
     in_refs,
     out_refs,
     *,
@@ -192,7 +209,8 @@ def _group_kernel(
     skippable,
 ):
     """Runs the one segment this CUDA block belongs to (none, if
-    `skippable`, on a step the finite guard rejects)."""
+    `skippable`, on a step the finite guard rejects). `table_ref` holds the
+    leaves' stream keys and bases where the group rounds stochastically."""
     per_leaf_in, per_leaf_out = per_leaf
     block = jax.lax.axis_index(GRID_AXIS)
     active = True
@@ -225,6 +243,8 @@ def _group_kernel(
                 [buf.at[:height] for buf in in_buffers],
                 [buf.at[:height] for buf in out_buffers],
                 barriers,
+                table_ref,
+                None if interpret else functools.partial(_strided, (height, lanes)),
             )
 
     lanes = common.LANES
@@ -236,10 +256,22 @@ def _group_kernel(
     )
 
 
-def _blocks_of_height(members, block, active, body, in_buffers, out_buffers, barriers):
+def _blocks_of_height(
+    members,
+    block,
+    active,
+    body,
+    in_buffers,
+    out_buffers,
+    barriers,
+    table_ref=None,
+    layout=None,
+):
     """If this CUDA block is in one of the segments (all of one height; each
     with its leaf's input and output refs) and `active`: its leaf's inputs in
-    by TMA at once, the body, its outputs out by TMA."""
+    by TMA at once, the body, its outputs out by TMA. With `table_ref`, the
+    body rounds stochastically by the block's leaf's keys, its elements'
+    iota placed in `layout`."""
     inside = [
         (block >= s.first_block) & (block < s.first_block + s.blocks)
         for s, _, _ in members
@@ -255,11 +287,41 @@ def _blocks_of_height(members, block, active, body, in_buffers, out_buffers, bar
             _copy_in_if(here, inputs, rows, in_buffers, barriers)
         for i in range(len(in_buffers)):
             plgpu.barrier_wait(barriers.at[i])
-        body(*in_buffers, *out_buffers)
+        rounding = {}
+        if table_ref is not None:
+            rounding = _block_streams(table_ref, members, inside, windows, layout)
+        body(*in_buffers, *out_buffers, **rounding)
         plgpu.commit_smem()
         for here, rows, (_, _, outputs) in zip(inside, windows, members, strict=True):
             _copy_out_if(here, out_buffers, outputs, rows)
         plgpu.wait_smem_to_gmem(0)
+
+
+def _block_streams(table_ref, members, inside, windows, layout) -> dict:
+    """The body's `keys` and `index` for this CUDA block: those of the one
+    segment it is `inside`."""
+
+    def of_mine(values):
+        return functools.reduce(
+            operator.add,
+            (jnp.where(here, v, 0) for here, v in zip(inside, values, strict=True)),
+        )
+
+    leaf = of_mine([s.leaf for s, _, _ in members])
+    first_row = of_mine([rows.start for rows in windows])
+    keys, base = common.table_row(table_ref, leaf)
+    height = members[0][0].rows
+    return dict(
+        keys=keys,
+        index=lambda: common.rows_index(
+            base, first_row, (height, common.LANES), layout
+        ),
+    )
+
+
+def _strided(shape, positions):
+    """`positions` laid out as `_load` lays out a block of `shape`."""
+    return plgpu.layout_cast(positions, _strided_layout(shape))
 
 
 def _copy_in_if(condition, inputs, rows, buffers, barriers):
@@ -285,7 +347,10 @@ def _load(ref):
     each, so it must divide: a block of one row (a leaf of up to 128
     elements) or an odd number of rows takes one element per thread.
     """
-    rows, lanes = ref.shape
+    return plgpu.load(ref, (), layout=_strided_layout(ref.shape))
+
+
+def _strided_layout(shape):
+    rows, lanes = shape
     vec_size = 2 if rows * lanes % (2 * WARPGROUP_THREADS) == 0 else 1
-    layout = plgpu.Layout.WG_STRIDED(ref.shape, vec_size=vec_size)
-    return plgpu.load(ref, (), layout=layout)
+    return plgpu.Layout.WG_STRIDED(tuple(shape), vec_size=vec_size)

@@ -7,7 +7,6 @@ blocks, which the interpreter evaluates as XLA ops.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_amsgrad import _math
+from pallas_amsgrad import _math, _rounding
 from pallas_amsgrad.kernels import common
 
 
@@ -26,8 +25,11 @@ def amsgrad_interpreted_group(
     out_dtypes: Sequence[jnp.dtype],
     block_rows: int,
     operands: _math.Operands,
+    table: jax.Array | None = None,
 ) -> list[tuple[jax.Array, ...]]:
-    """Per leaf (none empty), its outputs in the leaf's shape."""
+    """Per leaf (none empty), its outputs in the leaf's shape; `table` is
+    `dispatch`'s flat stream table where the group rounds stochastically."""
+    width = _rounding.TABLE_WIDTH
     return [
         _interpreted_leaf(
             coefficients,
@@ -35,14 +37,16 @@ def amsgrad_interpreted_group(
             out_dtypes=out_dtypes,
             block_rows=block_rows,
             operands=operands,
+            streams=None if table is None else table[width * k : width * (k + 1)],
         )
-        for leaf in leaves
+        for k, leaf in enumerate(leaves)
     ]
 
 
-def _interpreted_leaf(coefficients, leaf, *, out_dtypes, block_rows, operands):
+def _interpreted_leaf(coefficients, leaf, *, out_dtypes, block_rows, operands, streams):
     outputs = _amsgrad_pallas(
         coefficients,
+        streams,
         *map(common.as_rows, leaf),
         out_dtypes=out_dtypes,
         block_rows=block_rows,
@@ -51,20 +55,40 @@ def _interpreted_leaf(coefficients, leaf, *, out_dtypes, block_rows, operands):
     return tuple(common.from_rows(out, leaf[0].shape) for out in outputs)
 
 
-def _amsgrad_pallas(coefficients, *arrays, out_dtypes, block_rows, operands):
+def _amsgrad_pallas(coefficients, streams, *arrays, out_dtypes, block_rows, operands):
     """One interpreted pallas_call over (rows, 128) arrays; outputs alias
-    matching inputs."""
+    matching inputs. `streams` (the leaf's four keys and base) is None where
+    nothing rounds stochastically."""
     rows = arrays[0].shape[0]
     block_rows = min(block_rows, rows)  # A block may span the whole array.
     block = pl.BlockSpec((block_rows, common.LANES), lambda i: (i, 0))
+    scalars = [coefficients] + ([] if streams is None else [streams])
     aliases = {
-        1 + k: out  # Operand 0 is the coefficients.
+        len(scalars) + k: out  # The scalars come first.
         for k, out in common.aliased_outputs(arrays, out_dtypes, operands).items()
     }
+
+    def kernel(coefficients_ref, *refs):
+        if streams is None:
+            return common.amsgrad_kernel(coefficients_ref, *refs, operands=operands)
+        streams_ref, *refs = refs
+        keys, base = common.table_row(streams_ref, 0)
+        first_row = pl.program_id(0) * block_rows
+        return common.amsgrad_kernel(
+            coefficients_ref,
+            *refs,
+            operands=operands,
+            keys=keys,
+            index=lambda: common.rows_index(
+                base, first_row, (block_rows, common.LANES)
+            ),
+        )
+
+    smem = pl.BlockSpec(memory_space=pltpu.SMEM)
     return pl.pallas_call(
-        functools.partial(common.amsgrad_kernel, operands=operands),
+        kernel,
         grid=(pl.cdiv(rows, block_rows),),
-        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [block] * len(arrays),
+        in_specs=[smem] * len(scalars) + [block] * len(arrays),
         out_specs=[block] * len(out_dtypes),
         out_shape=[
             common.out_type((rows, common.LANES), d, [*arrays, coefficients])
@@ -73,4 +97,4 @@ def _amsgrad_pallas(coefficients, *arrays, out_dtypes, block_rows, operands):
         input_output_aliases=aliases,
         interpret=True,
         name="amsgrad",  # pragma: no mutate
-    )(coefficients, *arrays)
+    )(*scalars, *arrays)

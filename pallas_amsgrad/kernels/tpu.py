@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_amsgrad import _math
+from pallas_amsgrad import _math, _rounding
 from pallas_amsgrad.kernels import common
 
 # The grid: one step per TensorCore of a megacore chip (v4, v5p), each taking
@@ -112,6 +112,7 @@ def amsgrad_tpu_group(
     out_dtypes: Sequence[jnp.dtype],
     block_rows: int,
     operands: _math.Operands,
+    table: jax.Array | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> list[tuple[jax.Array, ...]]:
     """One `pallas_call` for leaves sharing dtypes; outputs alias inputs.
@@ -122,6 +123,8 @@ def amsgrad_tpu_group(
       out_dtypes: dtypes of (param | update, mu, nu, nu_max) written.
       block_rows: a block holds at most `block_rows * 128` elements.
       operands: the order of each leaf's inputs and outputs.
+      table: `dispatch`'s flat stream table (each leaf's four keys and base),
+        where the group rounds stochastically.
       interpret: `pltpu.InterpretParams` runs the kernel in Pallas' TPU
         interpreter, on any backend.
 
@@ -129,8 +132,20 @@ def amsgrad_tpu_group(
       Per leaf, (new param | update, mu, nu, nu_max) in the leaf's shape.
     """
     views = [tuple(x.reshape(view_shape(x.shape)) for x in leaf) for leaf in leaves]
-    aliases = {  # Operand 0 is the coefficients.
-        1 + i: out
+    scalars = [coefficients]
+    if table is not None:
+        # Rows in the order `_group_kernel` streams the leaves: by view shape.
+        shapes = [leaf[0].shape for leaf in views]
+        order = [
+            k
+            for shape in dict.fromkeys(shapes)
+            for k, other in enumerate(shapes)
+            if other == shape
+        ]
+        rows = table.reshape(-1, _rounding.TABLE_WIDTH)
+        scalars.append(jnp.concatenate([rows[k] for k in order]))
+    aliases = {  # The scalars come first.
+        len(scalars) + i: out
         for i, out in common.group_aliases(views, out_dtypes, operands).items()
     }
     operand_count = sum(len(leaf) for leaf in views)
@@ -151,9 +166,11 @@ def amsgrad_tpu_group(
             elements=block_rows * common.LANES,
             operands=operands,
             skippable=skippable,
+            has_table=table is not None,
         ),
         grid=(CORES,),
-        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + [hbm] * operand_count,
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * len(scalars)
+        + [hbm] * operand_count,
         out_specs=[hbm] * len(out_shape),
         out_shape=out_shape,
         input_output_aliases=aliases,
@@ -165,7 +182,7 @@ def amsgrad_tpu_group(
         ),
         interpret=interpret,
         name="amsgrad_group",  # pragma: no mutate
-    )(coefficients, *itertools.chain.from_iterable(views))
+    )(*scalars, *itertools.chain.from_iterable(views))
     per_leaf = len(out_dtypes)
     return [
         tuple(
@@ -184,11 +201,15 @@ def _group_kernel(
     elements,
     operands,
     skippable,
+    has_table,
 ):
     """Streams the leaves through VMEM: one DMA loop per region of each view
     shape, over every leaf of that shape, so the body is traced once per
     shape rather than once per leaf (a model repeats a few shapes per layer).
     If `skippable`, a step the finite guard rejects streams nothing."""
+    table_ref = None
+    if has_table:
+        table_ref, *refs = refs
     inputs = refs[: inputs_per_leaf * len(view_shapes)]
     outputs = refs[len(inputs) :]
     outputs_per_leaf = len(outputs) // len(view_shapes)
@@ -208,12 +229,41 @@ def _group_kernel(
     active = None
     if skippable:
         active = coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
+    first_row = 0  # Of this shape's leaves in the reordered stream table.
     for shape, leaves in leaves_by_shape.items():
+        streams = None
+        if table_ref is not None:
+            streams = _Streams(table_ref, first_row, shape)
         for region in regions(shape, elements):
-            _stream(body, leaves, region, active)
+            _stream(body, leaves, region, active, streams)
+        first_row += len(leaves)
 
 
-def _stream(body, leaves, region: Region, active=None):
+class _Streams(NamedTuple):
+    """Where a shape's leaves find their stream keys and bases."""
+
+    table_ref: object
+    first_row: int
+    view: tuple[int, int, int]
+
+    def for_block(self, leaf, slices) -> dict:
+        """The body's `keys` and `index` for a block of the shape's `leaf`-th
+        leaf at `slices` of its (leading, rows, cols) view."""
+        keys, base = common.table_row(self.table_ref, self.first_row + leaf)
+        sizes = tuple(s.size for s in slices)
+
+        def index():
+            lead, rows, cols = (common.iota(sizes, d) for d in range(3))
+            lead0, row0, col0 = (
+                jnp.asarray(s.start).astype(jnp.uint32) for s in slices
+            )
+            _, height, width = (jnp.uint32(n) for n in self.view)
+            return base + ((lead0 + lead) * height + row0 + rows) * width + col0 + cols
+
+        return dict(keys=keys, index=index)
+
+
+def _stream(body, leaves, region: Region, active=None, streams=None):
     """Double-buffered DMA loop over a region's blocks in every leaf of
     `leaves` ((inputs, outputs) per leaf, all of one shape), shared by the
     cores.
@@ -301,7 +351,10 @@ def _stream(body, leaves, region: Region, active=None):
             def _():
                 wait(step - SLOTS, slot, inbound=False)
 
-            body(*(buf.at[slot] for buf in (*in_buffers, *out_buffers)))
+            rounding = {}
+            if streams is not None:
+                rounding = streams.for_block(*window(step))
+            body(*(buf.at[slot] for buf in (*in_buffers, *out_buffers)), **rounding)
             start(step, slot, inbound=False)
             return carry
 

@@ -8,12 +8,13 @@ beside the kernels, and the default where no kernel compiles (CPU).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from pallas_amsgrad import _math
+from pallas_amsgrad import _math, _rounding
 
 
 def amsgrad_xla_group(
@@ -22,30 +23,36 @@ def amsgrad_xla_group(
     *,
     out_dtypes: Sequence[jnp.dtype],
     operands: _math.Operands,
+    streams: _rounding.Streams | None = None,
 ) -> list[tuple[jax.Array, ...]]:
-    """Per leaf, its outputs in `operands` order, rounded to `out_dtypes`."""
+    """Per leaf, its outputs in `operands` order, rounded to `out_dtypes`
+    (stochastically where `operands` says, by `streams`)."""
     c = _math.Coefficients.unpack(coefficients)
     if not operands.terms.skip:
-        return _steps(c, leaves, out_dtypes, operands, coefficients.dtype)
+        return _steps(c, leaves, out_dtypes, operands, coefficients.dtype, streams)
     # A skip as a branch rather than `step_block`'s select: XLA:CPU copies
     # mu, nu and nu_max before a step that selects between their old and new
     # values, and a skipped step need not read anything.
     applied = operands.with_terms(dataclasses.replace(operands.terms, skip=False))
     return jax.lax.cond(
         c.accept != 0,
-        lambda: _steps(c, leaves, out_dtypes, applied, coefficients.dtype),
+        lambda: _steps(c, leaves, out_dtypes, applied, coefficients.dtype, streams),
         lambda: [_unchanged(leaf, out_dtypes, operands) for leaf in leaves],
     )
 
 
-def _steps(c, leaves, out_dtypes, operands, dtype):
+def _steps(c, leaves, out_dtypes, operands, dtype, streams):
     results = []
-    for leaf in leaves:
+    for k, leaf in enumerate(leaves):
         # jnp.asarray(x, dtype), as in the kernel body: exactly x.astype(dtype)
         # here, without astype(None)'s fall back to jnp's default float.
         outputs = _math.step_block([jnp.asarray(x, dtype) for x in leaf], c, operands)
+        keys = index = None
+        if operands.rounds_stochastically:
+            keys = [streams.keys[k, j] for j in range(4)]
+            index = functools.partial(streams.flat_index, k, leaf[0].shape)
         results.append(
-            tuple(x.astype(d) for x, d in zip(outputs, out_dtypes, strict=True))
+            _rounding.store(outputs, out_dtypes, operands.stochastic, keys, index)
         )
     return results
 

@@ -31,11 +31,15 @@ def amsgrad_kwargs(hp: spec.Hyperparams) -> dict:
 
 
 def option_kwargs(hp: spec.Hyperparams) -> dict:
-    """The options beyond optax.amsgrad's that `hp` sets (nu_dtype and the
-    recipe's), as pallas_amsgrad.amsgrad takes them."""
+    """The options beyond optax.amsgrad's that `hp` sets (nu_dtype,
+    stochastic rounding and the recipe's), as pallas_amsgrad.amsgrad takes
+    them."""
     options = {}
     if hp.nu_dtype is not None:
         options["nu_dtype"] = hp.nu_dtype
+    if hp.stochastic_rounding:
+        options["stochastic_rounding"] = True
+        options["seed"] = hp.seed
     if hp.decays:
         options["weight_decay"] = hp.weight_decay
         if hp.mask is not None:
@@ -57,10 +61,11 @@ def optimizer(hp: spec.Hyperparams) -> optax.GradientTransformation:
 
     optax has no `nu_dtype`: for such an `hp` there is no optax optimizer
     (`init` gives the state it would have)."""
-    if hp.nu_dtype is not None:
+    if hp.nu_dtype is not None or hp.stochastic_rounding:
         raise ValueError(
-            f"optax has no nu_dtype (hp.nu_dtype={hp.nu_dtype}): no optax "
-            "optimizer stands for this hp"
+            f"optax has no nu_dtype or stochastic rounding (hp.nu_dtype="
+            f"{hp.nu_dtype}, hp.stochastic_rounding={hp.stochastic_rounding}): "
+            "no optax optimizer stands for this hp"
         )
     kwargs = amsgrad_kwargs(hp)
     learning_rate = kwargs.pop("learning_rate")
@@ -98,7 +103,9 @@ def init(params, hp: spec.Hyperparams):
 
 
 def _with_optax_dtypes(hp: spec.Hyperparams) -> spec.Hyperparams:
-    return dataclasses.replace(hp, nu_dtype=None)
+    """`hp` less what optax lacks (nu_dtype; stochastic rounding, which
+    changes no state's structure or dtype)."""
+    return dataclasses.replace(hp, nu_dtype=None, stochastic_rounding=False)
 
 
 def _inner(state, hp):

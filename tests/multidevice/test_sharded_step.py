@@ -350,3 +350,70 @@ def test_sharded_step_with_16_bit_nu_equals_unsharded(axis_type):
         assert leaf.dtype == jnp.bfloat16
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
     tolerances.assert_trees_equal((new_params, new_state), expected)
+
+
+def _stochastic(implementation):
+    """bfloat16 moments of every leaf, rounded stochastically."""
+    return pallas_amsgrad.amsgrad(
+        HP.learning_rate,
+        HP.b1,
+        HP.b2,
+        HP.eps,
+        mu_dtype=jnp.bfloat16,
+        nu_dtype=jnp.bfloat16,
+        stochastic_rounding=True,
+        seed=11,
+        implementation=implementation,
+    )
+
+
+@pytest.mark.parametrize(
+    ("implementation", "mesh_name"), [("xla", "2d"), ("pallas", "1d")]
+)
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+def test_sharded_stochastic_rounding_equals_unsharded(
+    implementation, mesh_name, axis_type
+):
+    """Each element's random bits come from its place in the whole leaf, so
+    every shard rounds as the unsharded step does: bitwise, on the XLA path
+    for any sharding (the 2-D mesh splits leaves along later dims too), and
+    in the kernel for shards that are runs of their leaf (the 1-D mesh)."""
+    opt = _stochastic(implementation)
+    grads = [values(1 + i) for i in range(STEPS)]
+    expected, actual, _ = unsharded_and_sharded(opt, grads, mesh_name, axis_type)
+    tolerances.assert_trees_equal(actual, expected)
+    # Rounded stochastically indeed: not the round-to-nearest step's bits.
+    nearest = pallas_amsgrad.amsgrad(
+        HP.learning_rate,
+        HP.b1,
+        HP.b2,
+        HP.eps,
+        mu_dtype=jnp.bfloat16,
+        nu_dtype=jnp.bfloat16,
+        implementation=implementation,
+    )
+    _, rounded_to_nearest, _ = run(
+        nearest, "step", values(0), nearest.init(values(0)), grads
+    )
+    assert any(
+        not jnp.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(expected[1][0].mu),
+            jax.tree.leaves(rounded_to_nearest[0].mu),
+            strict=True,
+        )
+    )
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+def test_kernel_refuses_stochastic_rounding_of_a_shard_that_is_no_run(axis_type):
+    """The 2-D mesh splits params['embed'] along its columns too: each
+    shard's rows are strided in the whole leaf, which the kernel's numbering
+    (the shard's first index plus its own flat index) cannot place."""
+    grads = [values(1 + i) for i in range(STEPS)]
+    # Explicit axes raise a ValueError while tracing; under Auto axes the
+    # partitioner's callback raises it while compiling, wrapped in XLA's.
+    with pytest.raises(
+        Exception, match=r"params\['embed'\] of shape \(64, 256\).*implementation='xla'"
+    ):
+        unsharded_and_sharded(_stochastic("pallas"), grads, "2d", axis_type)
