@@ -50,19 +50,19 @@ def test_min_bytes_per_param_with_16_bit_nu(mu_dtype, job, expected):
 
 
 def test_bench_with_16_bit_nu_runs_every_contender(tmp_path, capsys):
-    """--nu-dtype narrows this package's state; optax and torch, which have
-    no such option, run as they are, and the table says so."""
+    """--nu-dtype narrows this package's state and --stochastic-rounding
+    rounds its 16-bit stores so; optax and torch, which have neither option,
+    run as they are, and the table says so."""
     out = tmp_path / "run.json"
     args = ["bench", "--sizes", "4K", "--models", "", "--rounds", "1", "--no-torch"]
-    assert (
-        cli.main([*args, "--nu-dtype", "bfloat16", "--json", str(out), "--png", ""])
-        == 0
-    )
-    assert "nu_dtype bfloat16 (this package; optax and torch keep" in (
-        capsys.readouterr().out
-    )
+    options = ["--nu-dtype", "bfloat16", "--stochastic-rounding"]
+    assert cli.main([*args, *options, "--json", str(out), "--png", ""]) == 0
+    printed = capsys.readouterr().out
+    assert "nu_dtype bfloat16 (this package; optax and torch keep" in printed
+    assert "stochastic rounding (this package; optax and torch: to nearest)" in printed
     run = json.loads(out.read_text())
     assert run["config"]["nu_dtype"] == "bfloat16"
+    assert run["config"]["stochastic_rounding"] is True
     assert run["config"]["bytes_per_param"]["step"] == 28
     assert all(case["median_s"] > 0 for case in run["cases"]), run["cases"]
 

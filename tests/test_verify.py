@@ -48,18 +48,20 @@ def test_cli_prints_table_and_exits_zero(cli_run):
         if line.split()[:1] in (["float32"], ["bfloat16"], ["float16"])
     ]
     # 3 param dtypes x 4 mu_dtypes x (pallas, xla, optax), float32 params
-    # with a bfloat16 nu_dtype and 2 mu_dtypes (no optax), and the recipe per
-    # param dtype (optax's composition but for float16 params).
-    assert len(rows) == 36 + 4 + 8
+    # with a bfloat16 nu_dtype and 2 mu_dtypes (no optax), the recipe per
+    # param dtype (optax's composition but for float16 params), and three
+    # stochastic rounding configurations (no optax).
+    assert len(rows) == 36 + 4 + 8 + 6
     assert sum(" recipe " in row for row in rows) == 8
-    assert sum(row.split()[2] == "bfloat16" for row in rows) == 4
-    assert "FAIL" not in out and out.rstrip().endswith("48 passed, 0 failed")
+    assert sum(row.split()[3] == "sr" for row in rows) == 6
+    assert sum(row.split()[2] == "bfloat16" for row in rows) == 6
+    assert "FAIL" not in out and out.rstrip().endswith("54 passed, 0 failed")
 
 
 def test_json_file_beside_the_table(cli_run):
     _, out, run = cli_run
-    assert "48 passed, 0 failed" in out
-    assert run["passed"] == len(run["rows"]) == 48
+    assert "54 passed, 0 failed" in out
+    assert run["passed"] == len(run["rows"]) == 54
 
 
 def test_every_row_compares_values(cli_run):
@@ -82,16 +84,20 @@ def test_progress_on_stderr_as_rows_stream(monkeypatch, capsys):
 
     monkeypatch.setattr(verify, "format_row", format_row)
     assert cli.main(["verify", "--steps", "1"]) == 0
-    assert len(streamed) == 48
+    assert len(streamed) == 54
     assert streamed[0].out.startswith("pallas-amsgrad verify on cpu")
-    assert "[1/17] float32 params, mu_dtype param; 0.0 s elapsed" in streamed[0].err
+    assert "[1/20] float32 params, mu_dtype param; 0.0 s elapsed" in streamed[0].err
     # Three rows (pallas, xla, optax) per configuration, two without optax.
-    assert "[12/17] float16 params, mu_dtype float32;" in streamed[33].err
+    assert "[12/20] float16 params, mu_dtype float32;" in streamed[33].err
     assert (
-        "[14/17] float32 params, mu_dtype bfloat16, nu_dtype bfloat16;"
+        "[14/20] float32 params, mu_dtype bfloat16, nu_dtype bfloat16;"
         in streamed[38].err
     )
-    assert "[17/17] float16 params, mu_dtype param, recipe;" in streamed[46].err
+    assert "[17/20] float16 params, mu_dtype param, recipe;" in streamed[46].err
+    assert (
+        "[20/20] float32 params, mu_dtype bfloat16, nu_dtype bfloat16, "
+        "stochastic rounding;" in streamed[52].err
+    )
 
 
 def test_a_row_that_compared_nothing_fails():
@@ -111,7 +117,7 @@ class XlaWith:
     name: str
     overrides: tuple
 
-    def __call__(self, coefficients, leaves, *, out_dtypes, operands):
+    def __call__(self, coefficients, leaves, *, out_dtypes, operands, streams=None):
         replaced = _math.Coefficients.unpack(coefficients)._replace(
             **dict(self.overrides)
         )
@@ -120,6 +126,7 @@ class XlaWith:
             leaves,
             out_dtypes=out_dtypes,
             operands=operands,
+            streams=streams,
         )
 
 
@@ -132,7 +139,7 @@ def test_disagreement_fails():
     """A contender with a wrong b1 fails every one of its rows."""
     rows = verify.verify(params=small_params(), steps=2, implementations=(WRONG_B1,))
     failed = [r for r in rows if r.contender == "wrong-b1" and not r.passed]
-    assert len(failed) == 17
+    assert len(failed) == len(verify.CONFIGURATIONS) == 20
 
 
 def test_a_step_that_is_not_skipped_fails_the_recipe_rows():
@@ -152,7 +159,7 @@ def test_json_report_of_a_users_npz(tmp_path, capsys):
     run = json.loads(capsys.readouterr().out)
     assert run["inputs"]["params"] == str(path)
     assert run["inputs"]["parameters"] == 9 * 130 + 3
-    assert run["failed"] == 0 and run["passed"] == len(run["rows"]) == 48
+    assert run["failed"] == 0 and run["passed"] == len(run["rows"]) == 54
     assert {r["contender"] for r in run["rows"]} == {"pallas", "xla", "optax"}
     for key in ("jax", "jaxlib", "optax", "backend", "devices", "pallas_amsgrad"):
         assert run["environment"][key]

@@ -59,6 +59,7 @@ def _bench(args, parser) -> int:
         mu_dtype=args.mu_dtype,
         recipe=args.recipe,
         nu_dtype=args.nu_dtype,
+        stochastic_rounding=args.stochastic_rounding,
     )
     if baseline is not None:
         theirs = baseline["config"]
@@ -67,13 +68,20 @@ def _bench(args, parser) -> int:
             theirs["mu_dtype"],
             theirs.get("recipe", False),
             theirs.get("nu_dtype"),
+            theirs.get("stochastic_rounding", False),
         )
-        ours = (config.dtype, config.mu_dtype, config.recipe, config.nu_dtype)
+        ours = (
+            config.dtype,
+            config.mu_dtype,
+            config.recipe,
+            config.nu_dtype,
+            config.stochastic_rounding,
+        )
         if theirs != ours:
             parser.error(
-                f"{args.compare} measured dtype, mu_dtype, recipe, nu_dtype = "
-                f"{theirs}; this run {ours}: pass the same "
-                "--dtype/--mu-dtype/--recipe/--nu-dtype"
+                f"{args.compare} measured dtype, mu_dtype, recipe, nu_dtype, "
+                f"stochastic_rounding = {theirs}; this run {ours}: pass the same "
+                "--dtype/--mu-dtype/--recipe/--nu-dtype/--stochastic-rounding"
             )
     cases = measure.measure(
         chosen,
@@ -188,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["float32", "bfloat16"],
         help="nu and nu_max's storage in this package's step (optax and torch "
         "have no such option); default: param",
+    )
+    bench.add_argument(
+        "--stochastic-rounding",
+        action="store_true",
+        help="this package's 16-bit stores rounded stochastically (optax and "
+        "torch round to nearest); the same bytes, more integer work",
     )
     bench.add_argument("--rounds", type=int, default=5, help="timed calls per case")
     bench.add_argument("--json", default="bench.json", metavar="PATH")

@@ -37,10 +37,12 @@ from pallas_amsgrad.tools.environment import environment
 # What judges a compiled kernel on its device: kernel vs spec over param
 # dtype x mu_dtype and edge shapes, NaN/Inf, output dtypes; the same bits
 # across block sizes and runs; donated buffers reused in place; one kernel
-# launch per dtype group (the lowering checks); the API and its errors.
+# launch per dtype group (the lowering checks); stochastic rounding's bits;
+# the API and its errors.
 LANE_TESTS = (
     "tests/test_spec.py",
     "tests/test_implementations.py",
+    "tests/test_stochastic_rounding.py",
     "tests/test_properties.py",
     "tests/test_in_place.py",
     "tests/test_lowering.py",

@@ -4,12 +4,14 @@ Every configuration of param dtype x mu_dtype runs N steps (one with a zero
 gradient) on a model-shaped pytree, and so do float32 params with nu and
 nu_max in bfloat16 (`nu_dtype`); for each param dtype, the AdamW-style
 recipe (clipping, masked weight decay, skips of non-finite steps) runs one
-step more, a skipped step with a NaN gradient right after the zero one. Each
+step more, a skipped step with a NaN gradient right after the zero one; and
+16-bit params and state run with stochastic rounding (options "sr"). Each
 step starts every contender from the same state and is compared with the
 spec, in ULPs of the output dtype counted at the magnitude of the summands
 (`pallas_amsgrad.tools.ulps`); counts and the finite guard's bookkeeping
 must match exactly. optax is the composition the options stand for
-(`tools.composition`), except where none does: optax has no nu_dtype, and
+(`tools.composition`), except where none does: optax has no nu_dtype and
+no stochastic rounding, and
 with float16 params its global norm is summed in float16, where a model's
 gradients overflow it (the spec sums in float32).
 """
@@ -95,13 +97,21 @@ class Configuration:
     mu_name: str | None  # None: mu in the params' dtype, as optax.
     nu_name: str | None = None  # nu_dtype; None: as optax.
     recipe: bool = False  # With the RECIPE options.
+    stochastic: bool = False  # 16-bit stores rounded stochastically.
 
     @property
     def with_optax(self) -> bool:
-        """optax has no nu_dtype, and sums float16 gradients' norm in float16."""
-        return self.nu_name is None and not (
-            self.recipe and self.param_dtype == "float16"
+        """optax has no nu_dtype nor stochastic rounding, and sums float16
+        gradients' norm in float16."""
+        return (
+            self.nu_name is None
+            and not self.stochastic
+            and not (self.recipe and self.param_dtype == "float16")
         )
+
+    @property
+    def options(self) -> str:
+        return "recipe" if self.recipe else "sr" if self.stochastic else "-"
 
 
 CONFIGURATIONS = (
@@ -109,7 +119,13 @@ CONFIGURATIONS = (
     # 16-bit nu and nu_max for float32 params (bfloat16 params already have it).
     *(Configuration("float32", m, "bfloat16") for m in (None, "bfloat16")),
     *(Configuration(p, None, recipe=True) for p in PARAM_DTYPES),
+    # Stochastic rounding of every 16-bit store: bfloat16 and float16 params
+    # and state, and float32 params with bfloat16 moments.
+    *(Configuration(p, None, stochastic=True) for p in ("bfloat16", "float16")),
+    Configuration("float32", "bfloat16", "bfloat16", stochastic=True),
 )
+# The seed of the stochastic rounding rows.
+SEED = 0
 
 
 @dataclasses.dataclass
@@ -126,7 +142,7 @@ class Row:
     compared: int = 0  # Output values compared with the spec.
     left_out: int = 0  # optax values out of float16's range, not compared.
     note: str = ""
-    options: str = "-"  # "recipe": with the RECIPE options.
+    options: str = "-"  # "recipe": the RECIPE options; "sr": stochastic rounding.
     nu_dtype: str = "param"
 
 
@@ -279,7 +295,8 @@ def verify(
                 f"[{number}/{len(CONFIGURATIONS)}] {param_dtype} params, mu_dtype "
                 f"{mu_name or 'param'}"
                 f"{f', nu_dtype {config.nu_name}' if config.nu_name else ''}"
-                f"{', recipe' * config.recipe}; "
+                f"{', recipe' * config.recipe}"
+                f"{', stochastic rounding' * config.stochastic}; "
                 f"{time.perf_counter() - start:.1f} s elapsed",
                 file=progress,
                 flush=True,
@@ -290,6 +307,8 @@ def verify(
             learning_rate,
             mu_dtype=mu_dtype,
             nu_dtype=config.nu_name and jnp.dtype(config.nu_name),
+            stochastic_rounding=config.stochastic,
+            seed=SEED,
             **(RECIPE if config.recipe else {}),
         )
         contenders = {
@@ -415,7 +434,7 @@ def _row(config: Configuration, contender: str, result: _Worst) -> Row:
         compared=result.compared,
         left_out=result.left_out,
         note="; ".join(notes),
-        options="recipe" if config.recipe else "-",
+        options=config.options,
     )
 
 

@@ -62,6 +62,9 @@ class Config:
     # nu and nu_max's storage in this package's step; optax and torch have no
     # such option and keep them in the param dtype.
     nu_dtype: str | None = None
+    # This package's 16-bit stores rounded stochastically; optax and torch
+    # round to nearest.
+    stochastic_rounding: bool = False
 
     def min_bytes_per_param(self, job: str) -> int:
         return min_bytes_per_param(
@@ -149,7 +152,11 @@ def _ours(config):
     """This package's optimizer with its default implementation here."""
     options = RECIPE if config.recipe else {}
     return pallas_amsgrad.amsgrad(
-        LEARNING_RATE, mu_dtype=config.mu_dtype, nu_dtype=config.nu_dtype, **options
+        LEARNING_RATE,
+        mu_dtype=config.mu_dtype,
+        nu_dtype=config.nu_dtype,
+        stochastic_rounding=config.stochastic_rounding,
+        **options,
     )
 
 

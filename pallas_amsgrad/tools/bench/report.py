@@ -21,6 +21,7 @@ def report(cases: list[Case], config: Config, rounds: int) -> dict:
             "dtype": config.dtype,
             "mu_dtype": config.mu_dtype,
             "nu_dtype": config.nu_dtype,
+            "stochastic_rounding": config.stochastic_rounding,
             "recipe": config.recipe,
             "rounds": rounds,
             "learning_rate": LEARNING_RATE,
@@ -37,13 +38,17 @@ def report(cases: list[Case], config: Config, rounds: int) -> dict:
 
 
 def _nu_dtype(config: dict) -> str:
-    """ ", nu_dtype bfloat16 (this package; optax and torch: param)", or ""."""
-    if not config.get("nu_dtype"):
-        return ""
-    return (
-        f", nu_dtype {config['nu_dtype']} (this package; optax and torch keep "
-        "nu in the param dtype)"
-    )
+    """ ", nu_dtype bfloat16 (this package; optax and torch: param)", and
+    the stochastic rounding, or ""."""
+    text = ""
+    if config.get("nu_dtype"):
+        text += (
+            f", nu_dtype {config['nu_dtype']} (this package; optax and torch keep "
+            "nu in the param dtype)"
+        )
+    if config.get("stochastic_rounding"):
+        text += ", stochastic rounding (this package; optax and torch: to nearest)"
+    return text
 
 
 def format_table(run: dict) -> str:
