@@ -53,12 +53,12 @@ def test_quick_lane_writes_every_result_and_reports_a_failing_test(
     assert [name.split("::")[-1] for name in tests["failed"]] == [
         "test_planted_failure"
     ]
-    # 3 param dtypes x 4 mu_dtypes x (pallas, xla, optax), nu_dtype's 4 rows
-    # and the recipe's 8, all within bounds.
+    # 3 param dtypes x 4 mu_dtypes x (pallas, xla, optax), nu_dtype's 4 rows,
+    # the recipe's 8 and stochastic rounding's 6, all within bounds.
     assert summary["stages"]["verify"] | {"seconds": 0} == {
         "exit_status": 0,
         "seconds": 0,
-        "rows": 48,
+        "rows": 54,
         "failed": 0,
     }
     assert summary["stages"]["bench"]["exit_status"] == 0
