@@ -352,8 +352,9 @@ def test_sharded_step_with_16_bit_nu_equals_unsharded(axis_type):
     tolerances.assert_trees_equal((new_params, new_state), expected)
 
 
-def _stochastic(implementation):
-    """bfloat16 moments of every leaf, rounded stochastically."""
+def _bfloat16_moments(implementation, stochastic_rounding=True):
+    """bfloat16 moments of every leaf, rounded stochastically (or to
+    nearest)."""
     return pallas_amsgrad.amsgrad(
         HP.learning_rate,
         HP.b1,
@@ -361,7 +362,7 @@ def _stochastic(implementation):
         HP.eps,
         mu_dtype=jnp.bfloat16,
         nu_dtype=jnp.bfloat16,
-        stochastic_rounding=True,
+        stochastic_rounding=stochastic_rounding,
         seed=11,
         implementation=implementation,
     )
@@ -378,20 +379,12 @@ def test_sharded_stochastic_rounding_equals_unsharded(
     every shard rounds as the unsharded step does: bitwise, on the XLA path
     for any sharding (the 2-D mesh splits leaves along later dims too), and
     in the kernel for shards that are runs of their leaf (the 1-D mesh)."""
-    opt = _stochastic(implementation)
+    opt = _bfloat16_moments(implementation)
     grads = [values(1 + i) for i in range(STEPS)]
     expected, actual, _ = unsharded_and_sharded(opt, grads, mesh_name, axis_type)
     tolerances.assert_trees_equal(actual, expected)
     # Rounded stochastically indeed: not the round-to-nearest step's bits.
-    nearest = pallas_amsgrad.amsgrad(
-        HP.learning_rate,
-        HP.b1,
-        HP.b2,
-        HP.eps,
-        mu_dtype=jnp.bfloat16,
-        nu_dtype=jnp.bfloat16,
-        implementation=implementation,
-    )
+    nearest = _bfloat16_moments(implementation, stochastic_rounding=False)
     _, rounded_to_nearest, _ = run(
         nearest, "step", values(0), nearest.init(values(0)), grads
     )
@@ -416,4 +409,4 @@ def test_kernel_refuses_stochastic_rounding_of_a_shard_that_is_no_run(axis_type)
     with pytest.raises(
         Exception, match=r"params\['embed'\] of shape \(64, 256\).*implementation='xla'"
     ):
-        unsharded_and_sharded(_stochastic("pallas"), grads, "2d", axis_type)
+        unsharded_and_sharded(_bfloat16_moments("pallas"), grads, "2d", axis_type)
