@@ -77,16 +77,12 @@ class Streams(NamedTuple):
         )
 
     def flat_index(self, leaf: int, local_shape: Sequence[int]) -> jax.Array:
-        """uint32 of `local_shape`: each element's flat index in the whole leaf."""
-        index = jnp.zeros(local_shape, jnp.uint32)
-        strides = _strides(self.shapes[leaf])
-        for dim, (start, stride) in enumerate(
-            zip(self.starts[leaf], strides, strict=True)
-        ):
+        """uint32 of `local_shape`: each element's flat index in the whole leaf
+        (`base` plus its position in the shard at the whole leaf's strides)."""
+        index = jnp.broadcast_to(self.base(leaf), tuple(local_shape))
+        for dim, stride in enumerate(_strides(self.shapes[leaf])):
             position = jax.lax.broadcasted_iota(jnp.uint32, tuple(local_shape), dim)
-            index = index + (position + jnp.asarray(start, jnp.uint32)) * jnp.uint32(
-                stride
-            )
+            index = index + position * jnp.uint32(stride)
         return index
 
     def kernel_table(self) -> jax.Array:
