@@ -20,7 +20,9 @@ ops that Mosaic TPU, Mosaic GPU and XLA all lower.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import zlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -67,14 +69,9 @@ class Streams(NamedTuple):
             base = base + jnp.asarray(start, jnp.uint32) * jnp.uint32(stride)
         return base
 
-    def is_contiguous(self, leaf: int, local_shape: Sequence[int]) -> bool:
-        """Whether the shard is one run of the leaf's flat order, so that an
-        element's flat index is `base` plus its flat index in the shard."""
-        whole, local = _strides(self.shapes[leaf]), _strides(local_shape)
-        return all(
-            size == 1 or a == b
-            for size, a, b in zip(local_shape, whole, local, strict=True)
-        )
+    def runs(self, leaf: int, local_shape: Sequence[int]) -> tuple[Run, ...]:
+        """`runs` of a shard of `local_shape` of the leaf."""
+        return runs(local_shape, self.shapes[leaf])
 
     def flat_index(self, leaf: int, local_shape: Sequence[int]) -> jax.Array:
         """uint32 of `local_shape`: each element's flat index in the whole leaf
@@ -95,6 +92,57 @@ class Streams(NamedTuple):
 def _strides(shape: Sequence[int]) -> tuple[int, ...]:
     """Row-major strides, in elements, taken modulo 2**32."""
     return tuple(math.prod(shape[d + 1 :]) % 2**32 for d in range(len(shape)))
+
+
+class Run(NamedTuple):
+    """Dims of a shard that step through its whole leaf at one stride: the
+    elements it holds of them, and the whole leaf's stride (in elements) of
+    the innermost."""
+
+    size: int
+    stride: int
+
+
+def runs(
+    local_shape: Sequence[int], whole_shape: Sequence[int], dims: int | None = None
+) -> tuple[Run, ...]:
+    """How the shard of `local_shape` sits in its leaf of `whole_shape`, over
+    the first `dims` dims (all by default), outermost first.
+
+    A dim the shard holds whole continues the run before it; a split dim
+    starts a new one. With its position q in each run, an element lies
+    sum(q * stride) past the shard's first element in the whole leaf's flat
+    order. A shard that is one run of stride 1 is a contiguous piece of the
+    leaf; runs of one element are left out (their q is always 0).
+    """
+    dims = len(local_shape) if dims is None else dims
+    strides = _strides(whole_shape)
+    result: list[Run] = []
+    for d in range(dims):
+        if result and local_shape[d] == whole_shape[d]:
+            result[-1] = Run(result[-1].size * local_shape[d], strides[d])
+        else:
+            result.append(Run(local_shape[d], strides[d]))
+    return tuple(run for run in result if run.size != 1)
+
+
+def whole_offset(local: jax.Array, shard_runs: Sequence[Run]) -> jax.Array:
+    """uint32: how far past the shard's first element, in its whole leaf's
+    flat order, lies the element at flat index `local` (uint32) of the
+    shard. Free for a contiguous shard; one division by a constant per
+    further run otherwise (unsigned: every backend lowers it)."""
+    if not shard_runs:
+        return jnp.zeros_like(local)
+    if len(shard_runs) == 1 and shard_runs[0].stride == 1:
+        return local
+    terms, rest = [], local
+    for run in reversed(shard_runs[1:]):  # Innermost first.
+        quotient = rest // jnp.uint32(run.size)
+        terms.append((rest - quotient * jnp.uint32(run.size)) * jnp.uint32(run.stride))
+        rest = quotient
+    # The outermost run's position needs no wrap.
+    terms.append(rest * jnp.uint32(shard_runs[0].stride))
+    return functools.reduce(operator.add, terms)
 
 
 def mix32(x: jax.Array) -> jax.Array:

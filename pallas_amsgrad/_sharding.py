@@ -65,8 +65,6 @@ class _Group(NamedTuple):
         if self.operands.rounds_stochastically:
             layout = layout or _ShardLayout.whole(leaves)
             streams = layout.streams(keys)
-            if not isinstance(self.implementation, _implementations.Xla):
-                self._check_contiguous(streams, leaves)
         return _implementations.call(
             self.implementation,
             coefficients,
@@ -75,20 +73,6 @@ class _Group(NamedTuple):
             operands=self.operands,
             streams=streams,
         )
-
-    def _check_contiguous(self, streams, leaves):
-        """A kernel numbers a shard's elements from the shard's first one, so
-        with stochastic rounding each shard must be one run of its leaf."""
-        for k, (path, leaf) in enumerate(zip(self.paths, leaves, strict=True)):
-            if not streams.is_contiguous(k, leaf[0].shape):
-                raise ValueError(
-                    f"stochastic rounding in the Pallas kernel needs each "
-                    f"device's shard of a leaf to be one contiguous run of it, "
-                    f"but params{path} of shape {streams.shapes[k]} is split "
-                    f"into shards of {leaf[0].shape}; shard it along its first "
-                    "dim only, or use implementation='xla', which rounds any "
-                    "sharding"
-                )
 
 
 class _ShardLayout(NamedTuple):

@@ -75,15 +75,42 @@ def test_stream_keys_equal_the_spec(seed, count, path):
 def test_a_shards_flat_index_is_its_place_in_the_whole_leaf():
     """`Streams.flat_index` of the shard at (2, 4) of a (6, 8, 5) leaf split
     3 x 2 over its first two dims is that shard of the whole leaf's flat
-    index; its `base` is the shard's first element; it is not one run."""
+    index; its `base` is the shard's first element; it is two runs."""
     shape, local = (6, 8, 5), (2, 4, 5)
     whole = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
     streams = _rounding.Streams(jnp.zeros((1, 4), jnp.uint32), ((2, 4, 0),), (shape,))
     np.testing.assert_array_equal(streams.flat_index(0, local), whole[2:4, 4:8, :])
     assert int(streams.base(0)) == whole[2, 4, 0]
-    assert not streams.is_contiguous(0, local)
-    assert streams.is_contiguous(0, (2, 8, 5))
-    assert streams.is_contiguous(0, (1, 4, 5))
+    Run = _rounding.Run
+    assert streams.runs(0, local) == (Run(2, 40), Run(20, 1))
+    assert streams.runs(0, (2, 8, 5)) == (Run(80, 1),)  # Contiguous.
+    assert streams.runs(0, (1, 4, 5)) == (Run(20, 1),)
+    assert streams.runs(0, (6, 8, 1)) == (Run(48, 5),)
+    assert _rounding.runs(local, shape, dims=1) == (Run(2, 40),)
+
+
+@given(data=st.data())
+def test_whole_offset_places_every_shard_element(data):
+    """For any even split of any leaf of up to 5 dims, `base` plus
+    `whole_offset` of each element's flat index in the shard (what the
+    kernels compute from their 128-lane rows) is its index in the whole."""
+    shape = data.draw(st.lists(st.integers(1, 6), min_size=1, max_size=5))
+    ways = [
+        data.draw(st.sampled_from([w for w in range(1, n + 1) if n % w == 0]))
+        for n in shape
+    ]
+    local = [n // w for n, w in zip(shape, ways, strict=True)]
+    starts = [
+        data.draw(st.integers(0, w - 1)) * n for w, n in zip(ways, local, strict=True)
+    ]
+    whole = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
+    window = tuple(slice(i, i + n) for i, n in zip(starts, local, strict=True))
+    streams = _rounding.Streams(
+        jnp.zeros((1, 4), jnp.uint32), (tuple(starts),), (tuple(shape),)
+    )
+    flat = jnp.arange(np.prod(local), dtype=jnp.uint32)
+    offsets = _rounding.whole_offset(flat, streams.runs(0, local))
+    np.testing.assert_array_equal(streams.base(0) + offsets, whole[window].reshape(-1))
 
 
 def test_store_hashes_each_outputs_key_with_the_index():

@@ -13,6 +13,7 @@ on in tests/test_properties.py; sharded steps in tests/multidevice/.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -32,6 +33,7 @@ from implementations import (
 
 import amsgrad_spec as spec
 import pallas_amsgrad
+from pallas_amsgrad import _implementations, _math, _rounding
 from pallas_amsgrad.kernels import common
 
 SIXTEEN_BITS = [jnp.bfloat16, jnp.float16]
@@ -119,6 +121,116 @@ def test_a_leafs_bits_follow_its_path_not_its_place():
     tolerances.assert_trees_equal(crowded[1][0].nu["w"], alone[1][0].nu["w"])
     renamed = _two_steps("xla", hp, {"v": x})
     assert not jnp.array_equal(renamed[1][0].nu["v"], alone[1][0].nu["w"])
+
+
+# (whole shape, the shard's start, the shard's shape): one run of the leaf;
+# a column split; a single column (a run of stride 4); a split last dim of a
+# 3-D leaf; a split middle dim of a 4-D leaf, whose TPU view merges it into
+# leading with a whole dim (blocks shrink to one leading slice); three runs
+# of leading dims; a vector's second half.
+SHARDS = {
+    "rows": ((32, 130), (16, 0), (16, 130)),
+    "cols": ((16, 256), (0, 128), (16, 128)),
+    "thin": ((10, 4), (0, 3), (10, 1)),
+    "last": ((4, 6, 40), (0, 0, 20), (4, 6, 20)),
+    "middle": ((3, 6, 5, 40), (0, 3, 0, 0), (3, 3, 5, 40)),
+    "leading": ((2, 4, 6, 5, 8), (0, 2, 3, 0, 0), (2, 2, 3, 5, 8)),
+    "vector": ((512,), (256,), (256,)),
+}
+
+
+def _group_on(implementation, leaves, starts, shapes):
+    """One step of every leaf in bfloat16, rounded stochastically, as
+    `_sharding` runs a group on a device's shards (`starts` in the whole
+    leaves of `shapes`)."""
+    operands = dataclasses.replace(_math.STEP, stochastic=(True,) * 4)
+    coefficients = _math.Coefficients(
+        step_size=-0.01,
+        one_minus_b1=0.1,
+        b1=0.9,
+        one_minus_b2=0.001,
+        b2=0.999,
+        eps=1e-8,
+        eps_root=0.0,
+        inverse_bias_correction_mu=10.0,
+        inverse_bias_correction_nu=1000.0,
+    ).pack(jnp.float32)
+    keys = jnp.stack([_rounding.stream_keys(3, 1, path) for path in SHARDS])
+    return _implementations.call(
+        pallas_amsgrad.Xla() if implementation == "xla" else implementation,
+        coefficients,
+        leaves,
+        out_dtypes=(jnp.bfloat16,) * 4,
+        operands=operands,
+        streams=_rounding.Streams(keys, starts, shapes),
+    )
+
+
+@pytest.mark.parametrize(
+    "implementation",
+    [
+        "xla",
+        pallas_amsgrad.Pallas(block_sizes=pallas_amsgrad.BlockSizes(16)),
+        # Blocks of 4 leading slices (of 16 x 128 padded), cut to 3 for the
+        # shards whose innermost leading run has 3.
+        tpu_interpreted(64),
+        gpu_interpreted(16),
+    ],
+    ids=["xla", "interpreted", "tpu", "gpu"],
+)
+def test_a_shard_takes_the_bits_of_its_place_in_the_whole_leaf(implementation):
+    """Each kernel places a shard's elements in the whole leaf (by its base
+    and `_rounding.runs`), so a shard's step equals that slice of the whole
+    leaf's bit for bit, however it is split; numbered from its own first
+    element as if contiguous, the shards would round otherwise."""
+    shapes = tuple(whole for whole, _, _ in SHARDS.values())
+    whole_leaves, shard_leaves = [], []
+    for k, (shape, start, local) in enumerate(SHARDS.values()):
+        x = jnp.linspace(-1, 1 + k, math.prod(shape)).reshape(shape)
+        leaf = (x, jnp.cos(3 * x), 0.1 * x, 0.01 * x * x, 0.02 * x * x)
+        leaf = tuple(a.astype(jnp.bfloat16) for a in leaf)
+        whole_leaves.append(leaf)
+        window = tuple(slice(i, i + n) for i, n in zip(start, local, strict=True))
+        shard_leaves.append(tuple(a[window] for a in leaf))
+    whole = _group_on(
+        implementation, whole_leaves, tuple((0,) * len(s) for s in shapes), shapes
+    )
+    starts = tuple(start for _, start, _ in SHARDS.values())
+    sharded = _group_on(implementation, shard_leaves, starts, shapes)
+    as_contiguous = _group_on(
+        "xla", shard_leaves, starts, tuple(local for _, _, local in SHARDS.values())
+    )
+    for k, (name, (_, start, local)) in enumerate(SHARDS.items()):
+        window = tuple(slice(i, i + n) for i, n in zip(start, local, strict=True))
+        expected = tuple(out[window] for out in whole[k])
+        tolerances.assert_trees_equal(sharded[k], expected, name)
+        if name not in ("rows", "vector"):  # Not contiguous.
+            assert not jnp.array_equal(as_contiguous[k][2], expected[2]), name
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_kernels_lower_shards_strided_in_their_leaves(platform):
+    """Both Mosaic lowerings place every kind of shard in `SHARDS` (the GPU
+    kernel by integer division of its rows' indices, the TPU kernel by scalar
+    division of a block's leading index), with the shards' starts traced, as
+    a device reads them from its mesh position: a launch per leaf on GPU, one
+    for the group on TPU."""
+    shapes = tuple(whole for whole, _, _ in SHARDS.values())
+    leaves = [
+        tuple(jax.ShapeDtypeStruct(local, jnp.bfloat16) for _ in range(5))
+        for _, _, local in SHARDS.values()
+    ]
+    starts = [tuple(jnp.uint32(i) for i in start) for _, start, _ in SHARDS.values()]
+
+    def group(leaves, starts):
+        return _group_on(
+            pallas_amsgrad.Pallas(), leaves, tuple(map(tuple, starts)), shapes
+        )
+
+    exported = jax.export.export(jax.jit(group), platforms=[platform])(leaves, starts)
+    target = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}[platform]
+    launches = exported.mlir_module().count(f"@{target}(")
+    assert launches == {"tpu": 1, "cuda": len(SHARDS)}[platform]
 
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])

@@ -202,15 +202,21 @@ def amsgrad_kernel(
         out_ref[...] = value
 
 
-def rows_index(base, first_row, shape, layout: Callable | None = None) -> jax.Array:
-    """The flat index of each element of a (rows, 128) block whose first row
-    is `first_row` of a leaf's `as_rows` view, the view starting at flat
-    index `base`."""
+def rows_index(
+    base,
+    first_row,
+    shape,
+    shard_runs: Sequence[_rounding.Run],
+    layout: Callable | None = None,
+) -> jax.Array:
+    """The flat index in the whole leaf of each element of a (rows, 128)
+    block whose first row is `first_row` of the `as_rows` view of a shard
+    (`shard_runs`, `_rounding.runs`) that starts at the leaf's flat index
+    `base`."""
     rows, lanes = (iota(shape, d, layout) for d in range(2))
-    start = jnp.asarray(base, jnp.uint32) + jnp.asarray(
-        first_row, jnp.uint32
-    ) * jnp.uint32(LANES)
-    return start + rows * jnp.uint32(LANES) + lanes
+    first = jnp.asarray(first_row, jnp.uint32) * jnp.uint32(LANES)
+    local = first + rows * jnp.uint32(LANES) + lanes
+    return jnp.asarray(base, jnp.uint32) + _rounding.whole_offset(local, shard_runs)
 
 
 def iota(shape, dimension, layout: Callable | None = None) -> jax.Array:
@@ -223,8 +229,8 @@ def iota(shape, dimension, layout: Callable | None = None) -> jax.Array:
 
 
 def table_row(table_ref, leaf) -> tuple[list[jax.Array], jax.Array]:
-    """(the four keys, the base) of `leaf` in a `Streams.kernel_table`, read
-    as scalars from a flat (leaves * 5,) ref."""
+    """(the four keys, the base) of `leaf` (an int, or a traced index) in a
+    `Streams.kernel_table`, read as scalars from a flat (leaves * 5,) ref."""
     width = _rounding.TABLE_WIDTH
     keys = [table_ref[leaf * width + j] for j in range(4)]
     return keys, table_ref[leaf * width + 4]

@@ -43,8 +43,9 @@ def amsgrad_pallas_group(
         dtypes of each position are the same for every leaf.
       out_dtypes: dtypes of the outputs written, in `operands` order.
       operands: the order of each leaf's inputs and outputs.
-      streams: the random bits' keys and shard offsets, where `operands`
-        rounds stochastically.
+      streams: the random bits' keys, shard offsets and whole leaf shapes,
+        where `operands` rounds stochastically; a leaf may be any shard of
+        its whole leaf.
       block_sizes: overrides every platform's default.
       interpret_params: a `pltpu.InterpretParams` runs the TPU kernel (its
         blocks, DMAs, SMEM scalars and two cores) in Pallas' TPU interpreter
@@ -63,9 +64,10 @@ def amsgrad_pallas_group(
         return results
     all_dtypes = [x.dtype for x in leaves[0]] + list(out_dtypes)
     arity = len(leaves[0])
-    tables = []
+    tables, whole_shapes = [], None
     if operands.rounds_stochastically:
-        tables = [_stream_table(streams, leaves, nonempty)]
+        tables = [_stream_table(streams, nonempty)]
+        whole_shapes = tuple(streams.shapes[k] for k in nonempty)
 
     def branch(platform, interpret_as=False):
         sizes = block_sizes or common.BlockSizes.get_default(platform)
@@ -82,6 +84,7 @@ def amsgrad_pallas_group(
                 block_rows=sizes.block_rows,
                 operands=operands,
                 table=table,
+                whole_shapes=whole_shapes,
             )
             if group_kernel is None:
                 return interpret.amsgrad_interpreted_group(
@@ -112,9 +115,9 @@ def amsgrad_pallas_group(
     return results
 
 
-def _stream_table(streams: _rounding.Streams, leaves, nonempty) -> jax.Array:
+def _stream_table(streams: _rounding.Streams, nonempty) -> jax.Array:
     """The nonempty leaves' rows of `streams.kernel_table()`, flat (SMEM
     holds 1-D arrays best). A kernel numbers a shard's elements from its
-    `base`: `_sharding` has checked that each shard is one run of its leaf."""
+    `base`, placing them in the whole leaf by its `_rounding.runs`."""
     table = streams.kernel_table()
     return jnp.concatenate([table[k] for k in nonempty])

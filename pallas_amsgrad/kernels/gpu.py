@@ -71,6 +71,7 @@ def amsgrad_gpu_group(
     block_rows: int,
     operands: _math.Operands,
     table: jax.Array | None = None,
+    whole_shapes: Sequence[tuple[int, ...]] | None = None,
     interpret: Any = False,
 ) -> list[tuple[jax.Array, ...]]:
     """Mosaic GPU kernels for leaves sharing dtypes, in place: one launch per
@@ -84,6 +85,8 @@ def amsgrad_gpu_group(
       operands: the order of each leaf's inputs and outputs.
       table: `dispatch`'s flat stream table (each leaf's four keys and base),
         where the group rounds stochastically.
+      whole_shapes: with `table`, the shapes of the whole leaves that the
+        leaves are shards of.
       interpret: Mosaic GPU interpreter parameters, to run the kernel on any
         backend. jax 0.10's interpreter does not take `jax.Ref` operands, so
         there every output is a new buffer.
@@ -106,15 +109,35 @@ def amsgrad_gpu_group(
                 _rounding.TABLE_WIDTH * start : _rounding.TABLE_WIDTH
                 * (start + LEAVES_PER_LAUNCH)
             ],
+            shard_runs=None
+            if whole_shapes is None
+            else [
+                _rounding.runs(leaf[0].shape, whole)
+                for leaf, whole in zip(
+                    leaves[start : start + LEAVES_PER_LAUNCH],
+                    whole_shapes[start : start + LEAVES_PER_LAUNCH],
+                    strict=True,
+                )
+            ],
             interpret=interpret,
         )
     ]
 
 
 def _launch(
-    coefficients, leaves, *, out_dtypes, block_rows, operands, table, interpret
+    coefficients,
+    leaves,
+    *,
+    out_dtypes,
+    block_rows,
+    operands,
+    table,
+    shard_runs,
+    interpret,
 ):
-    """One Mosaic GPU kernel for the leaves; see `amsgrad_gpu_group`."""
+    """One Mosaic GPU kernel for the leaves; see `amsgrad_gpu_group`.
+    `shard_runs` places each leaf in its whole leaf (`_rounding.runs`) where
+    the group rounds stochastically."""
     shapes = [leaf[0].shape for leaf in leaves]
     views = [tuple(map(common.as_rows, leaf)) for leaf in leaves]
     inputs = list(itertools.chain.from_iterable(views))
@@ -156,6 +179,7 @@ def _launch(
             block_rows=min(block_rows, max(leaf[0].shape[0] for leaf in views)),
             per_leaf=(per_leaf_in, per_leaf_out),
             operands=operands,
+            shard_runs=shard_runs,
             interpret=bool(interpret),
             # A skipped step where every output is written in place need not
             # move a byte: the aliased buffers hold what it would write.
@@ -205,12 +229,14 @@ def _group_kernel(
     block_rows,
     per_leaf,
     operands,
+    shard_runs,
     interpret,
     skippable,
 ):
     """Runs the one segment this CUDA block belongs to (none, if
-    `skippable`, on a step the finite guard rejects). `table_ref` holds the
-    leaves' stream keys and bases where the group rounds stochastically."""
+    `skippable`, on a step the finite guard rejects). Where the group rounds
+    stochastically, `table_ref` holds the leaves' stream keys and bases and
+    `shard_runs` places each leaf in its whole leaf."""
     per_leaf_in, per_leaf_out = per_leaf
     block = jax.lax.axis_index(GRID_AXIS)
     active = True
@@ -243,8 +269,16 @@ def _group_kernel(
                 [buf.at[:height] for buf in in_buffers],
                 [buf.at[:height] for buf in out_buffers],
                 barriers,
-                table_ref,
-                None if interpret else functools.partial(_strided, (height, lanes)),
+                None
+                if table_ref is None
+                else functools.partial(
+                    _block_streams,
+                    table_ref,
+                    shard_runs,
+                    layout=None
+                    if interpret
+                    else functools.partial(_strided, (height, lanes)),
+                ),
             )
 
     lanes = common.LANES
@@ -264,14 +298,13 @@ def _blocks_of_height(
     in_buffers,
     out_buffers,
     barriers,
-    table_ref=None,
-    layout=None,
+    streams=None,
 ):
     """If this CUDA block is in one of the segments (all of one height; each
     with its leaf's input and output refs) and `active`: its leaf's inputs in
-    by TMA at once, the body, its outputs out by TMA. With `table_ref`, the
-    body rounds stochastically by the block's leaf's keys, its elements'
-    iota placed in `layout`."""
+    by TMA at once, the body, its outputs out by TMA. With `streams`
+    (`_block_streams` but for its last three arguments), the body rounds
+    stochastically."""
     inside = [
         (block >= s.first_block) & (block < s.first_block + s.blocks)
         for s, _, _ in members
@@ -288,8 +321,8 @@ def _blocks_of_height(
         for i in range(len(in_buffers)):
             plgpu.barrier_wait(barriers.at[i])
         rounding = {}
-        if table_ref is not None:
-            rounding = _block_streams(table_ref, members, inside, windows, layout)
+        if streams is not None:
+            rounding = streams(members, inside, windows)
         body(*in_buffers, *out_buffers, **rounding)
         plgpu.commit_smem()
         for here, rows, (_, _, outputs) in zip(inside, windows, members, strict=True):
@@ -297,26 +330,38 @@ def _blocks_of_height(
         plgpu.wait_smem_to_gmem(0)
 
 
-def _block_streams(table_ref, members, inside, windows, layout) -> dict:
+def _block_streams(table_ref, shard_runs, members, inside, windows, layout) -> dict:
     """The body's `keys` and `index` for this CUDA block: those of the one
-    segment it is `inside`."""
+    segment it is `inside`, its elements' iota placed in `layout`."""
 
     def of_mine(values):
+        if len(values) == 1:  # The block is inside the one segment.
+            return values[0]
         return functools.reduce(
             operator.add,
             (jnp.where(here, v, 0) for here, v in zip(inside, values, strict=True)),
         )
 
-    leaf = of_mine([s.leaf for s, _, _ in members])
-    first_row = of_mine([rows.start for rows in windows])
+    leaves = [s.leaf for s, _, _ in members]
+    # A static leaf where every segment has the same: a scalar load at a
+    # constant offset.
+    leaf = leaves[0] if len(set(leaves)) == 1 else of_mine(leaves)
     keys, base = common.table_row(table_ref, leaf)
-    height = members[0][0].rows
-    return dict(
-        keys=keys,
-        index=lambda: common.rows_index(
-            base, first_row, (height, common.LANES), layout
-        ),
-    )
+    first_row = of_mine([rows.start for rows in windows])
+    shape = (members[0][0].rows, common.LANES)
+    member_runs = [shard_runs[k] for k in leaves]
+
+    def index():
+        if len(set(member_runs)) == 1:
+            return common.rows_index(base, first_row, shape, member_runs[0], layout)
+        return of_mine(
+            [
+                common.rows_index(base, first_row, shape, runs, layout)
+                for runs in member_runs
+            ]
+        )
+
+    return dict(keys=keys, index=index)
 
 
 def _strided(shape, positions):

@@ -26,9 +26,11 @@ def amsgrad_interpreted_group(
     block_rows: int,
     operands: _math.Operands,
     table: jax.Array | None = None,
+    whole_shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> list[tuple[jax.Array, ...]]:
-    """Per leaf (none empty), its outputs in the leaf's shape; `table` is
-    `dispatch`'s flat stream table where the group rounds stochastically."""
+    """Per leaf (none empty), its outputs in the leaf's shape. Where the
+    group rounds stochastically, `table` is `dispatch`'s flat stream table
+    and `whole_shapes` the shapes of the leaves the leaves are shards of."""
     width = _rounding.TABLE_WIDTH
     return [
         _interpreted_leaf(
@@ -38,12 +40,17 @@ def amsgrad_interpreted_group(
             block_rows=block_rows,
             operands=operands,
             streams=None if table is None else table[width * k : width * (k + 1)],
+            shard_runs=None
+            if whole_shapes is None
+            else _rounding.runs(leaf[0].shape, whole_shapes[k]),
         )
         for k, leaf in enumerate(leaves)
     ]
 
 
-def _interpreted_leaf(coefficients, leaf, *, out_dtypes, block_rows, operands, streams):
+def _interpreted_leaf(
+    coefficients, leaf, *, out_dtypes, block_rows, operands, streams, shard_runs
+):
     outputs = _amsgrad_pallas(
         coefficients,
         streams,
@@ -51,14 +58,17 @@ def _interpreted_leaf(coefficients, leaf, *, out_dtypes, block_rows, operands, s
         out_dtypes=out_dtypes,
         block_rows=block_rows,
         operands=operands,
+        shard_runs=shard_runs,
     )
     return tuple(common.from_rows(out, leaf[0].shape) for out in outputs)
 
 
-def _amsgrad_pallas(coefficients, streams, *arrays, out_dtypes, block_rows, operands):
+def _amsgrad_pallas(
+    coefficients, streams, *arrays, out_dtypes, block_rows, operands, shard_runs
+):
     """One interpreted pallas_call over (rows, 128) arrays; outputs alias
-    matching inputs. `streams` (the leaf's four keys and base) is None where
-    nothing rounds stochastically."""
+    matching inputs. `streams` (the leaf's four keys and base) and
+    `shard_runs` are None where nothing rounds stochastically."""
     rows = arrays[0].shape[0]
     block_rows = min(block_rows, rows)  # A block may span the whole array.
     block = pl.BlockSpec((block_rows, common.LANES), lambda i: (i, 0))
@@ -80,7 +90,7 @@ def _amsgrad_pallas(coefficients, streams, *arrays, out_dtypes, block_rows, oper
             operands=operands,
             keys=keys,
             index=lambda: common.rows_index(
-                base, first_row, (block_rows, common.LANES)
+                base, first_row, (block_rows, common.LANES), shard_runs
             ),
         )
 

@@ -89,20 +89,84 @@ def block_shape(
     return 1, min(rows, row_multiple), elements // row_multiple // lanes * lanes
 
 
-def regions(shape: Sequence[int], elements: int) -> list[Region]:
-    """Tiles a (leading, rows, cols) view with regions of equal blocks."""
+def regions(
+    shape: Sequence[int], elements: int, leading_unit: int | None = None
+) -> list[Region]:
+    """Tiles a (leading, rows, cols) view with regions of equal blocks; with
+    `leading_unit`, a block's leading extent divides it."""
 
     def split(size, block):
         whole, tail = divmod(size, block)
         parts = [Split(0, block, whole)] if whole else []
         return parts + ([Split(whole * block, tail, 1)] if tail else [])
 
-    return [
-        Region(*parts)
-        for parts in itertools.product(
-            *map(split, shape, block_shape(*shape, elements))
-        )
-    ]
+    block = block_shape(*shape, elements)
+    if leading_unit is not None:
+        fitting = max(d for d in range(1, block[0] + 1) if leading_unit % d == 0)
+        block = (fitting, *block[1:])
+    return [Region(*parts) for parts in itertools.product(*map(split, shape, block))]
+
+
+class ViewIndex(NamedTuple):
+    """Where each element of a shard's (leading, rows, cols) view lies in its
+    whole leaf, past the shard's first element (static).
+
+    Attributes:
+      leading: `_rounding.runs` of the dims merged into `leading`.
+      row_stride: the whole leaf's stride of a row; a col's is 1.
+    """
+
+    leading: tuple[_rounding.Run, ...]
+    row_stride: int
+
+    @classmethod
+    def of(cls, local_shape: Sequence[int], whole_shape: Sequence[int]) -> ViewIndex:
+        if len(local_shape) < 2:  # A vector's shard is one run of it.
+            return cls((), view_shape(local_shape)[2])
+        leading = _rounding.runs(local_shape, whole_shape, len(local_shape) - 2)
+        return cls(leading, whole_shape[-1])
+
+    @property
+    def leading_unit(self) -> int | None:
+        """What a block's leading extent must divide, so that the block lies
+        within one place of the outer leading runs, which scalar ops then
+        find (the vector unit has no integer division): the innermost run's
+        size, where there are several."""
+        return self.leading[-1].size if len(self.leading) > 1 else None
+
+    def offsets(self, slices) -> jax.Array:
+        """uint32 of the block at `slices` (pl.ds, one per view dim): each
+        element's offset from the shard's first in the whole leaf."""
+        sizes = tuple(s.size for s in slices)
+        lead, rows, cols = (common.iota(sizes, d) for d in range(3))
+        lead0, row0, col0 = (s.start for s in slices)
+        offsets = (_as_uint32(row0) + rows) * jnp.uint32(self.row_stride)
+        offsets = offsets + _as_uint32(col0) + cols
+        if not self.leading:
+            return offsets
+        *outer, inner = self.leading
+        position, outer_offset = lead0, jnp.uint32(0)
+        if outer:
+            rest, position = _divmod(lead0, inner.size)
+            for run in reversed(outer[1:]):
+                rest, place = _divmod(rest, run.size)
+                outer_offset = outer_offset + _as_uint32(place) * jnp.uint32(run.stride)
+            outer_offset = outer_offset + _as_uint32(rest) * jnp.uint32(outer[0].stride)
+        lead_offsets = (_as_uint32(position) + lead) * jnp.uint32(inner.stride)
+        return offsets + outer_offset + lead_offsets
+
+
+def _divmod(index, size: int):
+    """(index // size, index % size) of a non-negative scalar int, by
+    lax.div/rem: jnp's // and % fix up negative operands with `sign`, which
+    Mosaic lowers only on a TPU. `size` takes the index's dtype (int32 under
+    x64 too)."""
+    size = jnp.asarray(size, jnp.asarray(index).dtype)
+    return jax.lax.div(index, size), jax.lax.rem(index, size)
+
+
+def _as_uint32(index) -> jax.Array:
+    return jnp.asarray(index).astype(jnp.uint32)
 
 
 def amsgrad_tpu_group(
@@ -113,6 +177,7 @@ def amsgrad_tpu_group(
     block_rows: int,
     operands: _math.Operands,
     table: jax.Array | None = None,
+    whole_shapes: Sequence[tuple[int, ...]] | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> list[tuple[jax.Array, ...]]:
     """One `pallas_call` for leaves sharing dtypes; outputs alias inputs.
@@ -125,6 +190,8 @@ def amsgrad_tpu_group(
       operands: the order of each leaf's inputs and outputs.
       table: `dispatch`'s flat stream table (each leaf's four keys and base),
         where the group rounds stochastically.
+      whole_shapes: with `table`, the shapes of the whole leaves that the
+        leaves are shards of.
       interpret: `pltpu.InterpretParams` runs the kernel in Pallas' TPU
         interpreter, on any backend.
 
@@ -133,14 +200,22 @@ def amsgrad_tpu_group(
     """
     views = [tuple(x.reshape(view_shape(x.shape)) for x in leaf) for leaf in leaves]
     scalars = [coefficients]
+    indices = [None] * len(leaves)
     if table is not None:
-        # Rows in the order `_group_kernel` streams the leaves: by view shape.
-        shapes = [leaf[0].shape for leaf in views]
+        indices = [
+            ViewIndex.of(leaf[0].shape, whole)
+            for leaf, whole in zip(leaves, whole_shapes, strict=True)
+        ]
+        # Rows in the order `_group_kernel` streams the leaves: by view shape
+        # and index.
+        kinds = [
+            (leaf[0].shape, index) for leaf, index in zip(views, indices, strict=True)
+        ]
         order = [
             k
-            for shape in dict.fromkeys(shapes)
-            for k, other in enumerate(shapes)
-            if other == shape
+            for kind in dict.fromkeys(kinds)
+            for k, other in enumerate(kinds)
+            if other == kind
         ]
         rows = table.reshape(-1, _rounding.TABLE_WIDTH)
         scalars.append(jnp.concatenate([rows[k] for k in order]))
@@ -162,11 +237,11 @@ def amsgrad_tpu_group(
         functools.partial(
             _group_kernel,
             view_shapes=[leaf[0].shape for leaf in views],
+            view_indices=indices,
             inputs_per_leaf=len(views[0]),
             elements=block_rows * common.LANES,
             operands=operands,
             skippable=skippable,
-            has_table=table is not None,
         ),
         grid=(CORES,),
         in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * len(scalars)
@@ -197,18 +272,20 @@ def _group_kernel(
     coefficients_ref,
     *refs,
     view_shapes,
+    view_indices,
     inputs_per_leaf,
     elements,
     operands,
     skippable,
-    has_table,
 ):
     """Streams the leaves through VMEM: one DMA loop per region of each view
     shape, over every leaf of that shape, so the body is traced once per
     shape rather than once per leaf (a model repeats a few shapes per layer).
+    Where the group rounds stochastically (`view_indices` given, per leaf a
+    `ViewIndex`), the leaves of a shape are streamed apart by their index.
     If `skippable`, a step the finite guard rejects streams nothing."""
     table_ref = None
-    if has_table:
+    if view_indices[0] is not None:
         table_ref, *refs = refs
     inputs = refs[: inputs_per_leaf * len(view_shapes)]
     outputs = refs[len(inputs) :]
@@ -218,9 +295,9 @@ def _group_kernel(
         coefficients_ref,
         operands=operands,
     )
-    leaves_by_shape = {}
-    for k, shape in enumerate(view_shapes):
-        leaves_by_shape.setdefault(shape, []).append(
+    leaves_by_kind = {}
+    for k, kind in enumerate(zip(view_shapes, view_indices, strict=True)):
+        leaves_by_kind.setdefault(kind, []).append(
             (
                 inputs[inputs_per_leaf * k : inputs_per_leaf * (k + 1)],
                 outputs[outputs_per_leaf * k : outputs_per_leaf * (k + 1)],
@@ -229,38 +306,29 @@ def _group_kernel(
     active = None
     if skippable:
         active = coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
-    first_row = 0  # Of this shape's leaves in the reordered stream table.
-    for shape, leaves in leaves_by_shape.items():
-        streams = None
+    first_row = 0  # Of this kind's leaves in the reordered stream table.
+    for (shape, view_index), leaves in leaves_by_kind.items():
+        streams, leading_unit = None, None
         if table_ref is not None:
-            streams = _Streams(table_ref, first_row, shape)
-        for region in regions(shape, elements):
+            streams = _Streams(table_ref, first_row, view_index)
+            leading_unit = view_index.leading_unit
+        for region in regions(shape, elements, leading_unit):
             _stream(body, leaves, region, active, streams)
         first_row += len(leaves)
 
 
 class _Streams(NamedTuple):
-    """Where a shape's leaves find their stream keys and bases."""
+    """Where a kind's leaves find their stream keys and bases."""
 
     table_ref: object
     first_row: int
-    view: tuple[int, int, int]
+    view_index: ViewIndex
 
     def for_block(self, leaf, slices) -> dict:
-        """The body's `keys` and `index` for a block of the shape's `leaf`-th
+        """The body's `keys` and `index` for a block of the kind's `leaf`-th
         leaf at `slices` of its (leading, rows, cols) view."""
         keys, base = common.table_row(self.table_ref, self.first_row + leaf)
-        sizes = tuple(s.size for s in slices)
-
-        def index():
-            lead, rows, cols = (common.iota(sizes, d) for d in range(3))
-            lead0, row0, col0 = (
-                jnp.asarray(s.start).astype(jnp.uint32) for s in slices
-            )
-            _, height, width = (jnp.uint32(n) for n in self.view)
-            return base + ((lead0 + lead) * height + row0 + rows) * width + col0 + cols
-
-        return dict(keys=keys, index=index)
+        return dict(keys=keys, index=lambda: base + self.view_index.offsets(slices))
 
 
 def _stream(body, leaves, region: Region, active=None, streams=None):
@@ -282,14 +350,10 @@ def _stream(body, leaves, region: Region, active=None, streams=None):
 
     def window(step):
         """(leaf, the block's slices): its index unravelled over the leaves
-        and the region's blocks (lax.div/rem on non-negative ints: jnp's //
-        and % fix up negative operands with `sign`, which Mosaic lowers only
-        on a TPU)."""
+        and the region's blocks."""
         index, slices = first + step, []
         for split in reversed(splits):
-            blocks = jnp.asarray(split.blocks, index.dtype)  # int32 under x64 too.
-            position = jax.lax.rem(index, blocks)
-            index = jax.lax.div(index, blocks)
+            index, position = _divmod(index, split.blocks)
             slices.insert(0, pl.ds(split.start + position * split.size, split.size))
         return index, tuple(slices)
 
