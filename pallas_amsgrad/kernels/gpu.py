@@ -303,7 +303,7 @@ def _blocks_of_height(
     """If this CUDA block is in one of the segments (all of one height; each
     with its leaf's input and output refs) and `active`: its leaf's inputs in
     by TMA at once, the body, its outputs out by TMA. With `streams`
-    (`_block_streams` but for its last three arguments), the body rounds
+    (`_block_streams` with its table, runs and layout bound), the body rounds
     stochastically."""
     inside = [
         (block >= s.first_block) & (block < s.first_block + s.blocks)
