@@ -16,6 +16,15 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX"
 ).strip()
 
+import jax
+
+# Pallas' Mosaic GPU interpreter runs jax computations inside its callbacks.
+# With async dispatch on CPU such a computation can queue behind one the test
+# dispatched meanwhile, which waits on the kernel's output: a deadlock (hung
+# CI once, jax 0.10.2). Computations run inline instead. Set before jax
+# starts its CPU backend.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+
 # mutmut runs the suite in a copy of the tree, mutants/, whose spec/ holds the
 # mutated spec. The installed `amsgrad_spec` is the unmutated spec/, so there
 # the copy is imported under its path name and aliased.
@@ -24,8 +33,6 @@ if _IN_MUTANTS:
     sys.modules["amsgrad_spec"] = importlib.import_module("spec")
     # Each mutant runs in a fresh process; most of what it compiles (the
     # spec, optax, unmutated functions) is the same program every time.
-    import jax
-
     jax.config.update(
         "jax_compilation_cache_dir",
         str(pathlib.Path(__file__).parents[1] / ".jax_cache"),
