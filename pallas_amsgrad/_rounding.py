@@ -69,10 +69,6 @@ class Streams(NamedTuple):
             base = base + jnp.asarray(start, jnp.uint32) * jnp.uint32(stride)
         return base
 
-    def runs(self, leaf: int, local_shape: Sequence[int]) -> tuple[Run, ...]:
-        """`runs` of a shard of `local_shape` of the leaf."""
-        return runs(local_shape, self.shapes[leaf])
-
     def flat_index(self, leaf: int, local_shape: Sequence[int]) -> jax.Array:
         """uint32 of `local_shape`: each element's flat index in the whole leaf
         (`base` plus its position in the shard at the whole leaf's strides)."""

@@ -82,10 +82,10 @@ def test_a_shards_flat_index_is_its_place_in_the_whole_leaf():
     np.testing.assert_array_equal(streams.flat_index(0, local), whole[2:4, 4:8, :])
     assert int(streams.base(0)) == whole[2, 4, 0]
     Run = _rounding.Run
-    assert streams.runs(0, local) == (Run(2, 40), Run(20, 1))
-    assert streams.runs(0, (2, 8, 5)) == (Run(80, 1),)  # Contiguous.
-    assert streams.runs(0, (1, 4, 5)) == (Run(20, 1),)
-    assert streams.runs(0, (6, 8, 1)) == (Run(48, 5),)
+    assert _rounding.runs(local, shape) == (Run(2, 40), Run(20, 1))
+    assert _rounding.runs((2, 8, 5), shape) == (Run(80, 1),)  # Contiguous.
+    assert _rounding.runs((1, 4, 5), shape) == (Run(20, 1),)
+    assert _rounding.runs((6, 8, 1), shape) == (Run(48, 5),)
     assert _rounding.runs(local, shape, dims=1) == (Run(2, 40),)
 
 
@@ -109,7 +109,7 @@ def test_whole_offset_places_every_shard_element(data):
         jnp.zeros((1, 4), jnp.uint32), (tuple(starts),), (tuple(shape),)
     )
     flat = jnp.arange(np.prod(local), dtype=jnp.uint32)
-    offsets = _rounding.whole_offset(flat, streams.runs(0, local))
+    offsets = _rounding.whole_offset(flat, _rounding.runs(local, shape))
     np.testing.assert_array_equal(streams.base(0) + offsets, whole[window].reshape(-1))
 
 

@@ -126,7 +126,7 @@ def test_a_leafs_bits_follow_its_path_not_its_place():
 # (whole shape, the shard's start, the shard's shape): one run of the leaf;
 # a column split; a single column (a run of stride 4); a split last dim of a
 # 3-D leaf; a split middle dim of a 4-D leaf, whose TPU view merges it into
-# leading with a whole dim (blocks shrink to one leading slice); three runs
+# leading after a whole dim (two leading runs, the inner of 3); three runs
 # of leading dims; a vector's second half.
 SHARDS = {
     "rows": ((32, 130), (16, 0), (16, 130)),
@@ -184,13 +184,18 @@ def test_a_shard_takes_the_bits_of_its_place_in_the_whole_leaf(implementation):
     leaf's bit for bit, however it is split; numbered from its own first
     element as if contiguous, the shards would round otherwise."""
     shapes = tuple(whole for whole, _, _ in SHARDS.values())
+    windows = [
+        tuple(slice(i, i + n) for i, n in zip(start, local, strict=True))
+        for _, start, local in SHARDS.values()
+    ]
     whole_leaves, shard_leaves = [], []
-    for k, (shape, start, local) in enumerate(SHARDS.values()):
+    for k, ((shape, _, _), window) in enumerate(
+        zip(SHARDS.values(), windows, strict=True)
+    ):
         x = jnp.linspace(-1, 1 + k, math.prod(shape)).reshape(shape)
         leaf = (x, jnp.cos(3 * x), 0.1 * x, 0.01 * x * x, 0.02 * x * x)
         leaf = tuple(a.astype(jnp.bfloat16) for a in leaf)
         whole_leaves.append(leaf)
-        window = tuple(slice(i, i + n) for i, n in zip(start, local, strict=True))
         shard_leaves.append(tuple(a[window] for a in leaf))
     whole = _group_on(
         implementation, whole_leaves, tuple((0,) * len(s) for s in shapes), shapes
@@ -200,8 +205,7 @@ def test_a_shard_takes_the_bits_of_its_place_in_the_whole_leaf(implementation):
     as_contiguous = _group_on(
         "xla", shard_leaves, starts, tuple(local for _, _, local in SHARDS.values())
     )
-    for k, (name, (_, start, local)) in enumerate(SHARDS.items()):
-        window = tuple(slice(i, i + n) for i, n in zip(start, local, strict=True))
+    for k, (name, window) in enumerate(zip(SHARDS, windows, strict=True)):
         expected = tuple(out[window] for out in whole[k])
         tolerances.assert_trees_equal(sharded[k], expected, name)
         if name not in ("rows", "vector"):  # Not contiguous.
