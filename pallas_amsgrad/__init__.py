@@ -1,6 +1,11 @@
 """pallas-amsgrad: a fused Pallas AMSGrad step, a drop-in for optax.amsgrad."""
 
-from pallas_amsgrad._implementations import IMPLEMENTATIONS, Pallas, Xla
+from pallas_amsgrad._implementations import (
+    IMPLEMENTATIONS,
+    Pallas,
+    Xla,
+    implementation_for,
+)
 from pallas_amsgrad._transform import (
     GradientTransformationWithStep,
     amsgrad,
@@ -15,5 +20,6 @@ __all__ = [
     "Pallas",
     "Xla",
     "amsgrad",
+    "implementation_for",
     "scale_by_amsgrad",
 ]

@@ -153,10 +153,26 @@ class Target:
 
 
 def implementation_for(device, block_sizes: common.BlockSizes | None = None):
-    """The default implementation on `device`: the kernel where it compiles
-    (TPU; CUDA from compute capability 9.0), else the XLA path (CUDA before
-    Hopper, ROCm, CPU, where the kernel would be interpreted, and any other
-    backend)."""
+    """The implementation `implementation=None` runs on `device`.
+
+    The kernel where it compiles (TPU; CUDA from compute capability 9.0),
+    else the XLA path (CUDA before Hopper, ROCm, CPU, where the kernel would
+    be interpreted, and any other backend).
+
+    Args:
+      device: a `jax.Device` (or any object with its `platform`,
+        `device_kind` and, on CUDA, `compute_capability`).
+      block_sizes: the kernel's block sizes, where the kernel is chosen.
+
+    Returns:
+      A `Pallas` or `Xla` object, which `implementation=` also takes.
+
+    Examples:
+      >>> import jax
+      >>> import pallas_amsgrad
+      >>> pallas_amsgrad.implementation_for(jax.devices("cpu")[0])
+      Xla()
+    """
     target = Target.of(device)
     if target.platform == "tpu" or (
         target.platform == "cuda" and target.cannot_compile_kernel() is None

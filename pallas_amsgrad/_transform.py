@@ -153,7 +153,7 @@ class _ScaleByAmsgradUpdate:
 class _Options:
     """The training recipe's options of `amsgrad`, as given (checked)."""
 
-    weight_decay: Any = 0.0
+    weight_decay: Any = None
     mask: Any = None
     max_grad_norm: Any = None
     max_consecutive_errors: Any = None
@@ -164,10 +164,10 @@ class _Options:
 
     @property
     def decays(self) -> bool:
-        """A Python 0 adds no decay term (as optax); any array does, so that
+        """None or a Python 0 adds no decay term; any array does, so that
         `inject_hyperparams` can change it."""
         wd = self.weight_decay
-        return not (isinstance(wd, int | float) and wd == 0)
+        return not (wd is None or (isinstance(wd, int | float) and wd == 0))
 
     @property
     def skips(self) -> bool:
@@ -324,7 +324,7 @@ def scale_by_amsgrad(
     *,
     nu_dtype: Any | None = None,
     stochastic_rounding: bool = False,
-    seed: jax.typing.ArrayLike = 0,
+    seed: jax.typing.ArrayLike | None = None,
     implementation: ImplementationArg = None,
     block_sizes: BlockSizes | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -340,10 +340,11 @@ def scale_by_amsgrad(
         nu_max; and the params in `step`) stochastically: to a neighbour at
         random, unbiased, so that small changes survive on average. Float32
         storage, and the updates `update` returns, round to nearest as ever.
-      seed: an integer (taken modulo 2**32) that with the step count, each
-        leaf's key path and each element's index determines the random
-        bits: a step is reproducible, and its bits do not depend on the
-        implementation, the block sizes or the sharding.
+      seed: an integer (taken modulo 2**32; None: 0) that with the step
+        count, each leaf's key path and each element's index determines the
+        random bits: a step is reproducible, and its bits do not depend on
+        the implementation, the block sizes or the sharding. None, not 0, is
+        the default so that `optax.inject_hyperparams` leaves it alone.
       implementation: "pallas" (the fused kernel; interpreted on CPU), "xla"
         (the same math as XLA fusions), an implementation object
         (`pallas_amsgrad.Pallas(...)`, `pallas_amsgrad.Xla()`), or None:
@@ -367,7 +368,7 @@ def scale_by_amsgrad(
         bool(bias_correction_nu),
         _validation.canonical_state_dtype("nu_dtype", nu_dtype),
         bool(stochastic_rounding),
-        seed,
+        0 if seed is None else seed,
     )
     update = _ScaleByAmsgradUpdate(
         hp, _implementations.resolve(implementation, block_sizes)
@@ -389,8 +390,8 @@ def amsgrad(
     *,
     nu_dtype: Any | None = None,
     stochastic_rounding: bool = False,
-    seed: jax.typing.ArrayLike = 0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
+    seed: jax.typing.ArrayLike | None = None,
+    weight_decay: optax.ScalarOrSchedule | None = None,
     mask: Any = None,
     max_grad_norm: jax.typing.ArrayLike | None = None,
     max_consecutive_errors: int | None = None,
@@ -409,7 +410,7 @@ def amsgrad(
         inner = optax.chain(
             optax.clip_by_global_norm(max_grad_norm),        # if not None
             optax.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, ...),
-            optax.add_decayed_weights(weight_decay, mask),   # unless a Python 0
+            optax.add_decayed_weights(weight_decay, mask),   # unless None or 0
             optax.scale_by_learning_rate(learning_rate),
         )
         optax.apply_if_finite(inner, max_consecutive_errors)  # if not None
@@ -430,7 +431,9 @@ def amsgrad(
         params train without float32 master weights.
       weight_decay: decoupled weight decay (AdamW's): the update becomes
         `-lr * (direction + weight_decay * param)`; a non-negative scalar or a
-        schedule. `update` then needs the params.
+        schedule. `update` then needs the params. None (the default) or a
+        Python 0 adds no term, and `optax.inject_hyperparams` leaves None
+        alone, so its state is then exactly that of `optax.amsgrad`.
       mask: which leaves are decayed: a pytree of bools (a prefix of the
         params'), or a callable of the gradients returning one; None: all.
       max_grad_norm: gradients are scaled by min(1, max_grad_norm / global

@@ -161,6 +161,9 @@ def check_non_negative(name: str, value: Any, *, allow_zero: bool = True) -> Non
 
 
 def check_weight_decay(weight_decay: Any) -> None:
+    """None (no decay term), a non-negative scalar, or a schedule."""
+    if weight_decay is None:
+        return
     _check_unless_schedule(check_non_negative, "weight_decay", weight_decay)
 
 
@@ -182,12 +185,14 @@ def check_max_consecutive_errors(value: Any) -> None:
 
 
 def check_stochastic_rounding(stochastic_rounding: Any, seed: Any) -> None:
-    """A bool, and a seed that is an integer scalar (a Python or NumPy int,
-    or an integer array, traced too): its value taken modulo 2**32."""
+    """A bool, and a seed that is None (0) or an integer scalar (a Python or
+    NumPy int, or an integer array, traced too): its value taken modulo 2**32."""
     if not isinstance(stochastic_rounding, bool | np.bool_):
         raise TypeError(
             f"stochastic_rounding={stochastic_rounding!r} must be True or False"
         )
+    if seed is None:
+        return
     integer = not isinstance(seed, bool | np.bool_) and (
         isinstance(seed, int | np.integer)
         or (

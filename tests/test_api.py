@@ -181,9 +181,20 @@ def test_scale_by_amsgrad_state_is_optax():
     tolerances.assert_trees_equal(ours, theirs)
 
 
-def test_docstring_examples():
-    failures, tried = doctest.testmod(pallas_amsgrad._transform, verbose=False)
+@pytest.mark.parametrize(
+    "module",
+    [pallas_amsgrad._transform, pallas_amsgrad._implementations],
+    ids=lambda m: m.__name__,
+)
+def test_docstring_examples(module):
+    failures, tried = doctest.testmod(module, verbose=False)
     assert tried > 0 and failures == 0
+
+
+def test_implementation_for_is_public():
+    assert "implementation_for" in pallas_amsgrad.__all__
+    cpu = jax.devices("cpu")[0]
+    assert pallas_amsgrad.implementation_for(cpu) == pallas_amsgrad.Xla()
 
 
 def test_doc_example_matches_spec():

@@ -60,17 +60,17 @@ CPU = FakeDevice("cpu", "cpu", FakeClient("cpu"))
     ids=lambda v: getattr(v, "device_kind", v),
 )
 def test_implementation_for_each_device(device, expected):
-    assert _implementations.implementation_for(device).name == expected
+    assert pallas_amsgrad.implementation_for(device).name == expected
 
 
 def test_the_real_cpu_device_gets_the_xla_path():
     [device] = jax.devices()[:1]
-    assert _implementations.implementation_for(device).name == "xla"
+    assert pallas_amsgrad.implementation_for(device).name == "xla"
 
 
 def test_block_sizes_go_to_the_kernel_where_it_is_chosen():
     sizes = pallas_amsgrad.BlockSizes(64)
-    assert _implementations.implementation_for(H100, sizes).block_sizes == sizes
+    assert pallas_amsgrad.implementation_for(H100, sizes).block_sizes == sizes
 
 
 def _step_jaxpr(monkeypatch, device, implementation):

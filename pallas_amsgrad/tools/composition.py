@@ -40,6 +40,12 @@ def option_kwargs(hp: spec.Hyperparams) -> dict:
     if hp.stochastic_rounding:
         options["stochastic_rounding"] = True
         options["seed"] = hp.seed
+    return options | recipe_kwargs(hp)
+
+
+def recipe_kwargs(hp: spec.Hyperparams) -> dict:
+    """The recipe's options that `hp` sets, as `amsgrad` takes them."""
+    options = {}
     if hp.decays:
         options["weight_decay"] = hp.weight_decay
         if hp.mask is not None:
@@ -67,21 +73,46 @@ def optimizer(hp: spec.Hyperparams) -> optax.GradientTransformation:
             f"{hp.nu_dtype}, hp.stochastic_rounding={hp.stochastic_rounding}): "
             "no optax optimizer stands for this hp"
         )
-    kwargs = amsgrad_kwargs(hp)
-    learning_rate = kwargs.pop("learning_rate")
+    return amsgrad(**amsgrad_kwargs(hp), **recipe_kwargs(hp))
+
+
+def amsgrad(
+    learning_rate,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    mu_dtype=None,
+    bias_correction_mu=True,
+    bias_correction_nu=True,
+    *,
+    weight_decay=None,
+    mask=None,
+    max_grad_norm=None,
+    max_consecutive_errors=None,
+) -> optax.GradientTransformation:
+    """The optax composition `pallas_amsgrad.amsgrad` stands for, with its
+    arguments and defaults: `optax.inject_hyperparams` of both gives the
+    same state."""
     inner = optax.chain(
         *(
-            [optax.clip_by_global_norm(hp.max_grad_norm)]
-            if hp.max_grad_norm is not None
+            [optax.clip_by_global_norm(max_grad_norm)]
+            if max_grad_norm is not None
             else []
         ),
-        optax.scale_by_amsgrad(**kwargs),
-        *([optax.add_decayed_weights(hp.weight_decay, hp.mask)] if hp.decays else []),
+        optax.scale_by_amsgrad(
+            b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu
+        ),
+        *(
+            [optax.add_decayed_weights(weight_decay, mask)]
+            if spec.Hyperparams(learning_rate, weight_decay=weight_decay).decays
+            else []
+        ),
         optax.scale_by_learning_rate(learning_rate),
     )
-    if hp.max_consecutive_errors is None:
+    if max_consecutive_errors is None:
         return inner
-    return optax.apply_if_finite(inner, hp.max_consecutive_errors)
+    return optax.apply_if_finite(inner, max_consecutive_errors)
 
 
 def init(params, hp: spec.Hyperparams):
