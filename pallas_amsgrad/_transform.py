@@ -164,10 +164,9 @@ class _Options:
 
     @property
     def decays(self) -> bool:
-        """None or a Python 0 adds no decay term; any array does, so that
-        `inject_hyperparams` can change it."""
-        wd = self.weight_decay
-        return not (wd is None or (isinstance(wd, int | float) and wd == 0))
+        """None adds no decay term; any number, array or schedule does (a
+        zero too, as `optax.inject_hyperparams` makes it an array)."""
+        return self.weight_decay is not None
 
     @property
     def skips(self) -> bool:
@@ -410,7 +409,7 @@ def amsgrad(
         inner = optax.chain(
             optax.clip_by_global_norm(max_grad_norm),        # if not None
             optax.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, ...),
-            optax.add_decayed_weights(weight_decay, mask),   # unless None or 0
+            optax.add_decayed_weights(weight_decay, mask),   # if not None
             optax.scale_by_learning_rate(learning_rate),
         )
         optax.apply_if_finite(inner, max_consecutive_errors)  # if not None
@@ -431,9 +430,9 @@ def amsgrad(
         params train without float32 master weights.
       weight_decay: decoupled weight decay (AdamW's): the update becomes
         `-lr * (direction + weight_decay * param)`; a non-negative scalar or a
-        schedule. `update` then needs the params. None (the default) or a
-        Python 0 adds no term, and `optax.inject_hyperparams` leaves None
-        alone, so its state is then exactly that of `optax.amsgrad`.
+        schedule. `update` then needs the params. None (the default) adds no
+        term, and `optax.inject_hyperparams` leaves it alone, so its state is
+        then exactly that of `optax.amsgrad`; any number, 0.0 too, adds it.
       mask: which leaves are decayed: a pytree of bools (a prefix of the
         params'), or a callable of the gradients returning one; None: all.
       max_grad_norm: gradients are scaled by min(1, max_grad_norm / global

@@ -9,7 +9,7 @@ With the options of a training recipe (`weight_decay`, `mask`,
 
     inner = chain(clip_by_global_norm(max_grad_norm),      # if max_grad_norm
                   scale_by_amsgrad(...),
-                  add_decayed_weights(weight_decay, mask),  # unless None or 0
+                  add_decayed_weights(weight_decay, mask),  # if not None
                   scale_by_learning_rate(learning_rate))
     apply_if_finite(inner, max_consecutive_errors)          # if an int
 
@@ -106,7 +106,7 @@ class Hyperparams:
     # The storage dtype of nu and nu_max (not in optax); None: as optax.
     nu_dtype: Any = None
     # Decoupled weight decay, as `optax.add_decayed_weights(weight_decay, mask)`:
-    # a scalar or a schedule; None or a Python 0 adds no term at all.
+    # a scalar or a schedule (a zero too); None adds no term at all.
     weight_decay: jax.typing.ArrayLike | Schedule | None = None
     # A pytree of bools (a prefix of the params') or a callable of the
     # gradients returning one: True where the decay applies.
@@ -123,9 +123,8 @@ class Hyperparams:
 
     @property
     def decays(self) -> bool:
-        """Whether the decay term exists: anything but None or a Python 0."""
-        wd = self.weight_decay
-        return not (wd is None or (isinstance(wd, (int, float)) and wd == 0))
+        """Whether the decay term exists: anything but None."""
+        return self.weight_decay is not None
 
 
 # --- The equations, one per function. ---------------------------------------

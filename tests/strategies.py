@@ -168,13 +168,13 @@ def recipes(draw, hp):
     or a schedule, masked or not), global-norm clipping (a bound that clips
     or does not) and non-finite skips, each on or off."""
     weight_decay = draw(
-        st.sampled_from([0.0, 1e-2, 0.5, optax.linear_schedule(0.1, 0.0, 4)])
+        st.sampled_from([None, 0.0, 1e-2, 0.5, optax.linear_schedule(0.1, 0.0, 4)])
     )
     mask = draw(st.sampled_from([None, *MASKS.values()]))
     return dataclasses.replace(
         hp,
         weight_decay=weight_decay,
-        mask=mask if weight_decay else None,
+        mask=mask if weight_decay is not None else None,
         max_grad_norm=draw(st.sampled_from([None, 1e-3, 1.0, 1e6])),
         max_consecutive_errors=draw(st.sampled_from([None, 1, 2])),
     )

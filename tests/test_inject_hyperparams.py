@@ -118,9 +118,7 @@ def test_init_is_optax_state_exactly(case):
 
 def test_defaults_inject_only_optax_hyperparams():
     """The options' defaults are None (or flags), which inject leaves alone."""
-    state = optax.inject_hyperparams(pallas_amsgrad.amsgrad)(0.1).init(
-        model_params()
-    )
+    state = optax.inject_hyperparams(pallas_amsgrad.amsgrad)(0.1).init(model_params())
     assert sorted(state.hyperparams) == ["b1", "b2", "eps", "eps_root", "learning_rate"]
     state = optax.inject_hyperparams(pallas_amsgrad.scale_by_amsgrad)().init(
         model_params()
@@ -135,9 +133,10 @@ def test_options_given_are_injected():
     ).init(model_params())
     assert int(state.hyperparams["seed"]) == 3
     assert float(state.hyperparams["weight_decay"]) == 0.0
-    # An injected weight_decay is an array, which adds the decay term (that
-    # inject_hyperparams can change), as optax's add_decayed_weights.
+    # Any weight_decay but None adds the decay term, a zero too: injected it
+    # is an array that inject_hyperparams can change.
     assert len(state.inner_state) == 3
+    assert len(pallas_amsgrad.amsgrad(0.1, weight_decay=0.0).init(model_params())) == 3
 
 
 @pytest.mark.parametrize("case", ["amsgrad", "amsgrad-schedule", "recipe"])

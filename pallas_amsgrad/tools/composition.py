@@ -105,7 +105,7 @@ def amsgrad(
         ),
         *(
             [optax.add_decayed_weights(weight_decay, mask)]
-            if spec.Hyperparams(learning_rate, weight_decay=weight_decay).decays
+            if weight_decay is not None
             else []
         ),
         optax.scale_by_learning_rate(learning_rate),
