@@ -25,8 +25,9 @@ def small_params():
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """One `verify --steps 3 --json PATH` on small params, shared by the
-    checks of its output: (exit status, stdout, the JSON report)."""
+    """One `verify --steps 3 --json PATH` (the quick default) on small
+    params, shared by the checks of its output: (exit status, stdout, the
+    JSON report)."""
     path = tmp_path_factory.mktemp("verify") / "verify.json"
     stdout = io.StringIO()
     with (
@@ -47,21 +48,25 @@ def test_cli_prints_table_and_exits_zero(cli_run):
         for line in out.splitlines()
         if line.split()[:1] in (["float32"], ["bfloat16"], ["float16"])
     ]
-    # 3 param dtypes x 4 mu_dtypes x (pallas, xla, optax), float32 params
-    # with a bfloat16 nu_dtype and 2 mu_dtypes (no optax), the recipe per
-    # param dtype (optax's composition but for float16 params), and three
-    # stochastic rounding configurations (no optax).
-    assert len(rows) == 36 + 4 + 8 + 6
-    assert sum(" recipe " in row for row in rows) == 8
-    assert sum(row.split()[3] == "sr" for row in rows) == 6
-    assert sum(row.split()[2] == "bfloat16" for row in rows) == 6
-    assert "FAIL" not in out and out.rstrip().endswith("54 passed, 0 failed")
+    # 3 param dtypes with their default mu_dtype x (pallas, xla, optax), the
+    # recipe with float32 params (and optax's composition), bfloat16 mu, nu
+    # and nu_max for float32 params (no optax), and stochastic rounding of
+    # bfloat16 params and state (no optax).
+    assert out.startswith("pallas-amsgrad verify (quick: 6 of 20 configurations")
+    assert len(rows) == 9 + 3 + 2 + 2
+    assert {row.split()[0] for row in rows} == set(verify.PARAM_DTYPES)
+    assert sum(" recipe " in row for row in rows) == 3
+    assert sum(row.split()[3] == "sr" for row in rows) == 2
+    assert sum(row.split()[2] == "bfloat16" for row in rows) == 2
+    assert "FAIL" not in out and out.rstrip().endswith("16 passed, 0 failed")
 
 
 def test_json_file_beside_the_table(cli_run):
     _, out, run = cli_run
-    assert "54 passed, 0 failed" in out
-    assert run["passed"] == len(run["rows"]) == 54
+    assert "16 passed, 0 failed" in out
+    assert run["passed"] == len(run["rows"]) == 16
+    assert run["inputs"]["grid"] == "quick"
+    assert len(run["inputs"]["configurations"]) == 6
 
 
 def test_every_row_compares_values(cli_run):
@@ -72,7 +77,10 @@ def test_every_row_compares_values(cli_run):
         assert row["passed"], row
 
 
-def test_progress_on_stderr_as_rows_stream(monkeypatch, capsys):
+def test_full_grid_streams_rows_with_progress_on_stderr(monkeypatch, capsys):
+    """`--full`: every configuration, each row printed in order as the run
+    goes on (one job, so that each configuration's progress line comes
+    right before its rows)."""
     monkeypatch.setattr(verify, "default_params", small_params)
     streamed = []
     real_format_row = verify.format_row
@@ -83,10 +91,13 @@ def test_progress_on_stderr_as_rows_stream(monkeypatch, capsys):
         return real_format_row(row)
 
     monkeypatch.setattr(verify, "format_row", format_row)
-    assert cli.main(["verify", "--steps", "1"]) == 0
+    assert cli.main(["verify", "--full", "--steps", "1", "--jobs", "1"]) == 0
     assert len(streamed) == 54
-    assert streamed[0].out.startswith("pallas-amsgrad verify on cpu")
+    assert streamed[0].out.startswith(
+        "pallas-amsgrad verify (the full grid, 20 configurations) on cpu"
+    )
     assert "[1/20] float32 params, mu_dtype param; 0.0 s elapsed" in streamed[0].err
+    assert capsys.readouterr().out.rstrip().endswith("54 passed, 0 failed")
     # Three rows (pallas, xla, optax) per configuration, two without optax.
     assert "[12/20] float16 params, mu_dtype float32;" in streamed[33].err
     assert (
@@ -137,7 +148,12 @@ NEVER_SKIPS = XlaWith("never-skips", (("accept", 1),))
 
 def test_disagreement_fails():
     """A contender with a wrong b1 fails every one of its rows."""
-    rows = verify.verify(params=small_params(), steps=2, implementations=(WRONG_B1,))
+    rows = verify.verify(
+        params=small_params(),
+        steps=2,
+        implementations=(WRONG_B1,),
+        configurations=verify.CONFIGURATIONS,
+    )
     failed = [r for r in rows if r.contender == "wrong-b1" and not r.passed]
     assert len(failed) == len(verify.CONFIGURATIONS) == 20
 
@@ -145,7 +161,17 @@ def test_disagreement_fails():
 def test_a_step_that_is_not_skipped_fails_the_recipe_rows():
     """The recipe rows run a step with a NaN gradient, which the finite guard
     skips; a contender that steps anyway fails them, and only them."""
-    rows = verify.verify(params=small_params(), steps=2, implementations=(NEVER_SKIPS,))
+    configurations = verify.QUICK_CONFIGURATIONS + tuple(
+        c
+        for c in verify.CONFIGURATIONS
+        if c.recipe and c not in verify.QUICK_CONFIGURATIONS
+    )
+    rows = verify.verify(
+        params=small_params(),
+        steps=2,
+        implementations=(NEVER_SKIPS,),
+        configurations=configurations,
+    )
     failed = {(r.params, r.options) for r in rows if not r.passed}
     assert failed == {(dtype, "recipe") for dtype in verify.PARAM_DTYPES}
 
@@ -159,7 +185,7 @@ def test_json_report_of_a_users_npz(tmp_path, capsys):
     run = json.loads(capsys.readouterr().out)
     assert run["inputs"]["params"] == str(path)
     assert run["inputs"]["parameters"] == 9 * 130 + 3
-    assert run["failed"] == 0 and run["passed"] == len(run["rows"]) == 54
+    assert run["failed"] == 0 and run["passed"] == len(run["rows"]) == 16
     assert {r["contender"] for r in run["rows"]} == {"pallas", "xla", "optax"}
     for key in ("jax", "jaxlib", "optax", "backend", "devices", "pallas_amsgrad"):
         assert run["environment"][key]

@@ -15,6 +15,7 @@ height: TMA in from the block's leaf, the body, TMA out).
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 import operator
@@ -36,6 +37,12 @@ WARPGROUP_THREADS = 128
 # leaves compiled in 0.3 s, 7.9 s and 29 s, so a launch per leaf compiles a
 # tree fastest (benchmarks/results/h200-061bb4c/compile_probe.log).
 LEAVES_PER_LAUNCH = 1
+# jax 0.10's `plgpu.load(ref, idx)` needs the index; from 0.11 an index is
+# deprecated (the ref is indexed instead) and may go.
+_LOAD_INDEX = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_NEEDS_INDEX = (
+    _LOAD_INDEX is not None and _LOAD_INDEX.default is inspect.Parameter.empty
+)
 
 
 class Segment(NamedTuple):
@@ -392,7 +399,10 @@ def _load(ref):
     each, so it must divide: a block of one row (a leaf of up to 128
     elements) or an odd number of rows takes one element per thread.
     """
-    return plgpu.load(ref, (), layout=_strided_layout(ref.shape))
+    layout = _strided_layout(ref.shape)
+    if _LOAD_NEEDS_INDEX:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
 
 
 def _strided_layout(shape):

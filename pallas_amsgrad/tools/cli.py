@@ -19,7 +19,13 @@ def _verify(args) -> int:
         params = verify.default_params()
         source = f"embedded {verify.DEFAULT_MODEL}"
     run = verify.run_command(
-        params, source, args.steps, args.learning_rate, stream=args.json != "-"
+        params,
+        source,
+        args.steps,
+        args.learning_rate,
+        stream=args.json != "-",
+        full=args.full,
+        jobs=args.jobs,
     )
     if args.json == "-":
         json.dump(run, sys.stdout, indent=2)
@@ -145,12 +151,27 @@ def main(argv: list[str] | None = None) -> int:
     verify = commands.add_parser(
         "verify",
         help="check the kernel, the XLA path and optax against the spec",
-        description="Runs every param dtype x mu_dtype for N steps with the "
-        "kernel (compiled on TPU/GPU, interpreted on CPU), the XLA path and "
-        "optax, and prints each one's largest error against the spec in ULPs. "
-        "Exits 1 on any disagreement.",
+        description="Runs configurations of param dtype, mu_dtype, nu_dtype "
+        "and options for N steps with the kernel (compiled on TPU/GPU, "
+        "interpreted on CPU), the XLA path and optax, and prints each one's "
+        "largest error against the spec in ULPs. By default a representative "
+        "subset: each param dtype with its default mu_dtype, one recipe, one "
+        "lean-state and one stochastic-rounding configuration; --full runs "
+        "every configuration. Exits 1 on any disagreement.",
+    )
+    verify.add_argument(
+        "--full",
+        action="store_true",
+        help="every configuration: each param dtype x mu_dtype, nu_dtype, the "
+        "recipe per param dtype and stochastic rounding (the run for a bug report)",
     )
     verify.add_argument("--steps", type=int, default=3, help="steps per configuration")
+    verify.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="configurations run at once, in threads (default 2)",
+    )
     verify.add_argument(
         "--params",
         metavar="FILE.npz",
@@ -262,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, parser)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     return _verify(args)
 
 

@@ -57,7 +57,7 @@ QUICK_TESTS = (
     "tests/test_lowering.py::test_lowers_with_every_state_array_aliased"
     "[cuda-float32-mu=None-step]",
 )
-# The README's GPU table: 1M to 256M parameters and the model-shaped trees.
+# docs/bench.md's GPU tables: 1M to 256M parameters and the model-shaped trees.
 BENCH_SIZES = "1M,4M,16M,64M,256M"
 QUICK_BENCH_SIZES = "64K"
 
@@ -179,6 +179,8 @@ def selftest(out: pathlib.Path, *, quick: bool, tests: bool, torch: bool) -> int
     if quick:
         _quick_params(out / "quick_params.npz")
         verify += ["--steps", "1", "--params", str(out / "quick_params.npz")]
+    else:  # On the device, the whole grid.
+        verify.append("--full")
     stages["verify"] = _run_stage("verify", verify, out, cwd=None)
     if (out / "verify.json").is_file():
         verified = json.loads((out / "verify.json").read_text())

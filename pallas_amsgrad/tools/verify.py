@@ -18,6 +18,7 @@ gradients overflow it (the spec sums in float32).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import sys
@@ -113,6 +114,14 @@ class Configuration:
     def options(self) -> str:
         return "recipe" if self.recipe else "sr" if self.stochastic else "-"
 
+    def describe(self) -> str:
+        return (
+            f"{self.param_dtype} params, mu_dtype {self.mu_name or 'param'}"
+            f"{f', nu_dtype {self.nu_name}' if self.nu_name else ''}"
+            f"{', recipe' * self.recipe}"
+            f"{', stochastic rounding' * self.stochastic}"
+        )
+
 
 CONFIGURATIONS = (
     *(Configuration(p, m) for p, m in itertools.product(PARAM_DTYPES, MU_DTYPES)),
@@ -123,6 +132,15 @@ CONFIGURATIONS = (
     # and state, and float32 params with bfloat16 moments.
     *(Configuration(p, None, stochastic=True) for p in ("bfloat16", "float16")),
     Configuration("float32", "bfloat16", "bfloat16", stochastic=True),
+)
+# The default run, a representative subset: every param dtype with its
+# default mu_dtype, and one row each of the recipe, the lean state and
+# stochastic rounding (`--full` runs CONFIGURATIONS).
+QUICK_CONFIGURATIONS = (
+    *(Configuration(p, None) for p in PARAM_DTYPES),
+    Configuration("float32", None, recipe=True),
+    Configuration("float32", "bfloat16", "bfloat16"),
+    Configuration("bfloat16", None, stochastic=True),
 )
 # The seed of the stochastic rounding rows.
 SEED = 0
@@ -274,121 +292,161 @@ def verify(
     implementations: Sequence = ("pallas", "xla"),
     on_row: Callable[[Row], None] | None = None,
     progress: TextIO | None = None,
+    configurations: Sequence[Configuration] = QUICK_CONFIGURATIONS,
+    jobs: int = 2,
 ) -> list[Row]:
-    """Runs the comparison grid; returns one row per configuration and contender.
+    """Runs the comparison on `configurations`; returns one row per
+    configuration and contender, in their order.
 
     `implementations` are names or implementation objects (each row is named
     by the object's `name`).
 
-    `on_row` is called with each row as its configuration finishes;
+    `on_row` is called with each row as its configuration finishes, in order;
     `progress` (e.g. sys.stderr) gets a line as each configuration starts.
+    `jobs` configurations run at once, in threads: most of a configuration's
+    time is XLA compiling, which runs beside another's tracing.
     """
     params = default_params() if params is None else params
-    spec_update = jax.jit(spec.update, static_argnums=2)
-    spec_step = jax.jit(spec.step, static_argnums=3)
-    rows = []
+    # One program per configuration each, rather than an op at a time.
+    reference = jax.jit(_reference, static_argnums=3)
+    optax_state_of = jax.jit(composition.optax_state_of, static_argnums=1)
     start = time.perf_counter()
-    for number, config in enumerate(CONFIGURATIONS, 1):
-        param_dtype, mu_name = config.param_dtype, config.mu_name
+
+    def run(number, config):
         if progress is not None:
             print(
-                f"[{number}/{len(CONFIGURATIONS)}] {param_dtype} params, mu_dtype "
-                f"{mu_name or 'param'}"
-                f"{f', nu_dtype {config.nu_name}' if config.nu_name else ''}"
-                f"{', recipe' * config.recipe}"
-                f"{', stochastic rounding' * config.stochastic}; "
+                f"[{number}/{len(configurations)}] {config.describe()}; "
                 f"{time.perf_counter() - start:.1f} s elapsed",
                 file=progress,
                 flush=True,
             )
-        mu_dtype = None if mu_name is None else jnp.dtype(mu_name)
-        typed = jax.tree.map(lambda p, d=param_dtype: jnp.asarray(p, d), params)
-        hp = spec.Hyperparams(
+        return _verify_configuration(
+            config,
+            params,
+            steps,
             learning_rate,
-            mu_dtype=mu_dtype,
-            nu_dtype=config.nu_name and jnp.dtype(config.nu_name),
-            stochastic_rounding=config.stochastic,
-            seed=SEED,
-            **(RECIPE if config.recipe else {}),
+            implementations,
+            reference,
+            optax_state_of,
         )
-        contenders = {
-            getattr(impl, "name", impl): pallas_amsgrad.amsgrad(
-                **composition.pallas_kwargs(hp), implementation=impl
-            )
-            for impl in implementations
-        }
-        updates_fns = {name: jax.jit(opt.update) for name, opt in contenders.items()}
-        step_fns = {name: jax.jit(opt.step) for name, opt in contenders.items()}
-        with_optax = config.with_optax
-        if with_optax:
-            optax_update = jax.jit(composition.optimizer(hp).update)
-        # optax rounds intermediates to the leaf dtype and keeps b1 * mu in
-        # mu_dtype: its error is counted in the one with fewer mantissa bits.
-        narrowest = min(
-            (param_dtype, mu_name or param_dtype), key=lambda d: jnp.finfo(d).nmant
-        )
-        worst = {name: _Worst() for name in contenders}
-        if with_optax:
-            worst["optax"] = _Worst()
-        state = spec.init_state(typed, hp)
-        rng = np.random.default_rng(1)
-        for step in range(steps + config.recipe):
-            # The zero gradient comes after at least one real step; the
-            # recipe's NaN right after it.
-            zero = steps > 1 and step == steps // 2
-            nan = config.recipe and step == steps // 2 + 1
-            grads = _gradients(typed, param_dtype, rng, zero, nan)
-            expected = spec_update(grads, state, hp, typed)
-            expected_params, _ = spec_step(grads, state, typed, hp)
-            # The summands' magnitudes: the step on |g|, |mu| and |params|.
-            scale_updates, scale_new = spec_update(
-                jax.tree.map(jnp.abs, grads),
-                _with_abs_mu(state),
-                hp,
-                jax.tree.map(jnp.abs, typed),
-            )
-            scale_params = jax.tree.map(
-                lambda p, u: (
-                    jnp.abs(p).astype(jnp.float32) + jnp.abs(u).astype(jnp.float32)
-                ),
-                typed,
-                scale_updates,
-            )
-            scales = (scale_updates, _moments(scale_new), scale_params)
-            want = (expected[0], _moments(expected[1]), expected_params)
-            contender_state = composition.optax_state_of(state, hp, typed)
-            for name in contenders:
-                updates, new_state = updates_fns[name](grads, contender_state, typed)
-                new_params, _ = step_fns[name](grads, contender_state, typed)
-                new_state = composition.spec_state_of(new_state, hp)
-                worst[name].add(
-                    (updates, _moments(new_state), new_params), want, scales
-                )
-                _add_bookkeeping(worst[name], new_state, expected[1])
-            if with_optax:
-                optax_updates, optax_new = optax_update(grads, contender_state, typed)
-                optax_new = composition.spec_state_of(optax_new, hp)
-                lost = _out_of_float16_range(
-                    _amsgrad_part(scale_new),
-                    param_dtype == "float16",
-                    mu_name == "float16",
-                )
-                worst["optax"].add(
-                    (optax_updates, _moments(optax_new)),
-                    want[:2],
-                    scales[:2],
-                    dtype=narrowest,
-                    excluded_tree=lost,
-                    drop_non_finite=param_dtype == "float16",
-                )
-                _add_bookkeeping(worst["optax"], optax_new, expected[1])
-            state = expected[1]
-        for name, result in worst.items():
-            row = _row(config, name, result)
+
+    rows = []
+
+    def finished(config_rows):
+        for row in config_rows:
             rows.append(row)
             if on_row is not None:
                 on_row(row)
+
+    numbered = list(enumerate(configurations, 1))
+    if jobs <= 1:  # In order: each progress line right before its rows.
+        for number, config in numbered:
+            finished(run(number, config))
+        return rows
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(run, *item) for item in numbered]:
+            finished(future.result())
     return rows
+
+
+def _verify_configuration(
+    config: Configuration,
+    params,
+    steps: int,
+    learning_rate: float,
+    implementations: Sequence,
+    reference: Callable,
+    optax_state_of: Callable,
+) -> list[Row]:
+    """One configuration's rows: each contender's worst error over the steps."""
+    param_dtype, mu_name = config.param_dtype, config.mu_name
+    mu_dtype = None if mu_name is None else jnp.dtype(mu_name)
+    typed = jax.tree.map(lambda p, d=param_dtype: jnp.asarray(p, d), params)
+    hp = spec.Hyperparams(
+        learning_rate,
+        mu_dtype=mu_dtype,
+        nu_dtype=config.nu_name and jnp.dtype(config.nu_name),
+        stochastic_rounding=config.stochastic,
+        seed=SEED,
+        **(RECIPE if config.recipe else {}),
+    )
+    contenders = {
+        getattr(impl, "name", impl): pallas_amsgrad.amsgrad(
+            **composition.pallas_kwargs(hp), implementation=impl
+        )
+        for impl in implementations
+    }
+    updates_fns = {name: jax.jit(opt.update) for name, opt in contenders.items()}
+    step_fns = {name: jax.jit(opt.step) for name, opt in contenders.items()}
+    with_optax = config.with_optax
+    if with_optax:
+        optax_update = jax.jit(composition.optimizer(hp).update)
+    # optax rounds intermediates to the leaf dtype and keeps b1 * mu in
+    # mu_dtype: its error is counted in the one with fewer mantissa bits.
+    narrowest = min(
+        (param_dtype, mu_name or param_dtype), key=lambda d: jnp.finfo(d).nmant
+    )
+    worst = {name: _Worst() for name in contenders}
+    if with_optax:
+        worst["optax"] = _Worst()
+    state = spec.init_state(typed, hp)
+    rng = np.random.default_rng(1)
+    for step in range(steps + config.recipe):
+        # The zero gradient comes after at least one real step; the
+        # recipe's NaN right after it.
+        zero = steps > 1 and step == steps // 2
+        nan = config.recipe and step == steps // 2 + 1
+        grads = _gradients(typed, param_dtype, rng, zero, nan)
+        expected, want, scale_new, scales = reference(grads, state, typed, hp)
+        contender_state = optax_state_of(state, hp, typed)
+        for name in contenders:
+            updates, new_state = updates_fns[name](grads, contender_state, typed)
+            new_params, _ = step_fns[name](grads, contender_state, typed)
+            new_state = composition.spec_state_of(new_state, hp)
+            worst[name].add((updates, _moments(new_state), new_params), want, scales)
+            _add_bookkeeping(worst[name], new_state, expected[1])
+        if with_optax:
+            optax_updates, optax_new = optax_update(grads, contender_state, typed)
+            optax_new = composition.spec_state_of(optax_new, hp)
+            lost = _out_of_float16_range(
+                _amsgrad_part(scale_new),
+                param_dtype == "float16",
+                mu_name == "float16",
+            )
+            worst["optax"].add(
+                (optax_updates, _moments(optax_new)),
+                want[:2],
+                scales[:2],
+                dtype=narrowest,
+                excluded_tree=lost,
+                drop_non_finite=param_dtype == "float16",
+            )
+            _add_bookkeeping(worst["optax"], optax_new, expected[1])
+        state = expected[1]
+    return [_row(config, name, result) for name, result in worst.items()]
+
+
+def _reference(grads, state, params, hp):
+    """The spec's step: (its update and new state, the outputs compared (the
+    update, the moments and the new params), the state of the step on
+    magnitudes, and the summands' magnitudes for each output (the step on
+    |g|, |mu| and |params|))."""
+    expected = spec.update(grads, state, hp, params)
+    expected_params, _ = spec.step(grads, state, params, hp)
+    scale_updates, scale_new = spec.update(
+        jax.tree.map(jnp.abs, grads),
+        _with_abs_mu(state),
+        hp,
+        jax.tree.map(jnp.abs, params),
+    )
+    scale_params = jax.tree.map(
+        lambda p, u: jnp.abs(p).astype(jnp.float32) + jnp.abs(u).astype(jnp.float32),
+        params,
+        scale_updates,
+    )
+    scales = (scale_updates, _moments(scale_new), scale_params)
+    want = (expected[0], _moments(expected[1]), expected_params)
+    return expected, want, scale_new, scales
 
 
 def _with_abs_mu(spec_state):
@@ -438,22 +496,27 @@ def _row(config: Configuration, contender: str, result: _Worst) -> Row:
     )
 
 
-def report(rows: list[Row], *, params, source: str, steps: int, learning_rate) -> dict:
+def report(
+    rows: list[Row], *, params, source: str, steps: int, learning_rate, full: bool
+) -> dict:
     """The whole run as plain data: environment, inputs, rows and a summary."""
     failed = sum(not r.passed for r in rows)
     return {
         "environment": environment(),
-        "inputs": inputs(params, source, steps, learning_rate),
+        "inputs": inputs(params, source, steps, learning_rate, full),
         "rows": [dataclasses.asdict(r) for r in rows],
         "passed": len(rows) - failed,
         "failed": failed,
     }
 
 
-def inputs(params, source: str, steps: int, learning_rate) -> dict:
+def inputs(params, source: str, steps: int, learning_rate, full: bool) -> dict:
     leaves = jax.tree.leaves(params)
     low, high = FLOAT16_GRADIENT_MAGNITUDES
+    configurations = configurations_for(full)
     return {
+        "grid": "full" if full else "quick",
+        "configurations": [c.describe() for c in configurations],
         "params": source,
         "leaves": len(leaves),
         "parameters": int(sum(np.size(x) for x in leaves)),
@@ -474,8 +537,14 @@ def format_header(environment_: dict, inputs_: dict) -> list[str]:
         f"{'vs spec':<8} {'max ULPs':>9} "
         f"{'in':<9} {'bound':>5}  result"
     )
+    count = len(inputs_["configurations"])
+    grid = (
+        f"the full grid, {count} configurations"
+        if inputs_["grid"] == "full"
+        else f"quick: {count} of {len(CONFIGURATIONS)} configurations, --full for all"
+    )
     return [
-        f"pallas-amsgrad verify on {environment_['backend']} "
+        f"pallas-amsgrad verify ({grid}) on {environment_['backend']} "
         f"({environment_['devices']}), jax {environment_['jax']}, "
         f"optax {environment_['optax']}",
         f"params: {inputs_['params']} ({inputs_['leaves']} leaves, "
@@ -509,8 +578,18 @@ def format_table(run: dict) -> str:
     )
 
 
+def configurations_for(full: bool) -> tuple[Configuration, ...]:
+    return CONFIGURATIONS if full else QUICK_CONFIGURATIONS
+
+
 def run_command(
-    params, source: str, steps: int, learning_rate: float, stream: bool
+    params,
+    source: str,
+    steps: int,
+    learning_rate: float,
+    stream: bool,
+    full: bool = False,
+    jobs: int = 2,
 ) -> dict:
     """`verify` as the command runs it: with `stream`, the header at once and
     each row as it finishes on stdout, progress on stderr."""
@@ -519,7 +598,7 @@ def run_command(
         print(
             "\n".join(
                 format_header(
-                    environment(), inputs(params, source, steps, learning_rate)
+                    environment(), inputs(params, source, steps, learning_rate, full)
                 )
             ),
             flush=True,
@@ -535,9 +614,16 @@ def run_command(
         learning_rate=learning_rate,
         on_row=on_row,
         progress=sys.stderr,
+        configurations=configurations_for(full),
+        jobs=jobs,
     )
     run = report(
-        rows, params=params, source=source, steps=steps, learning_rate=learning_rate
+        rows,
+        params=params,
+        source=source,
+        steps=steps,
+        learning_rate=learning_rate,
+        full=full,
     )
     run["seconds"] = round(time.perf_counter() - start, 1)
     if stream:
