@@ -40,7 +40,7 @@ def test_min_bytes_per_param(dtype, mu_dtype, job, expected):
         (None, "step", 28),
         (None, "update", 24),
         (None, "update+apply", 36),
-        # The README's lean row: 3 float32 arrays and 6 bfloat16 ones.
+        # docs/bench.md's lean row: 3 float32 arrays and 6 bfloat16 ones.
         ("bfloat16", "step", 24),
     ],
 )

@@ -6,7 +6,7 @@ the program XLA:CPU compiles for the XLA path. The jitted function is a
 training step's shape, `(params, state, grads) -> (params, state)` with params
 and state donated: jax pairs donated inputs with outputs of the same shape and
 dtype in order, so this order gives every buffer back to its own array (see
-README, "Updating in place").
+docs/design-and-kernels.md, "Updating in place").
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _custom_calls(module, platform):
     ]
 
 
-# Minimum bytes per parameter of a fused step (the README's table): read
+# Minimum bytes per parameter of a fused step (docs/bench.md's table): read
 # param, grad, mu, nu, nu_max and write param, mu, nu, nu_max, each once.
 MINIMUM_BYTES = [
     ("float32", None, None, 36),  # 9 float32 arrays.
