@@ -42,7 +42,9 @@ class Implementation(Protocol):
 @dataclasses.dataclass(frozen=True)
 class Pallas:
     """The fused kernel: Mosaic on TPU, Mosaic GPU on NVIDIA GPUs, Pallas'
-    generic interpreter elsewhere.
+    generic interpreter elsewhere. Differentiable: `jax.grad`, `jvp` and
+    `vjp` take the XLA path's derivatives (the kernel, which writes in
+    place, has none of its own; see `_sharding`).
 
     Attributes:
       block_sizes: overrides each platform's default `BlockSizes`.

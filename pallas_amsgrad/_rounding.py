@@ -16,6 +16,10 @@ step's own (after the increment) and i the element's place in the whole leaf,
 also when a device holds only a shard of it. The spec (`amsgrad_spec`) states
 the same function; every implementation computes it per element, in integer
 ops that Mosaic TPU, Mosaic GPU and XLA all lower.
+
+Its derivative is straight-through, a plain cast's: under `jax.grad` or
+`jax.jvp` a stochastically rounded store differentiates as one rounded to
+nearest, on every implementation (`straight_through_round`).
 """
 
 from __future__ import annotations
@@ -220,17 +224,42 @@ def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
     return jnp.where(finite, result, x).astype(dtype)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def straight_through_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
+    """`stochastic_round`, differentiated straight through: its derivative is
+    that of `x.astype(dtype)`, as if it rounded to nearest. (Its bit
+    manipulation would give a zero derivative wherever x is finite.)"""
+    return stochastic_round(x, dtype, bits)
+
+
+@straight_through_round.defjvp
+def _straight_through_round_jvp(dtype, primals, tangents):
+    x, bits = primals
+    x_dot, _ = tangents
+    return straight_through_round(x, dtype, bits), x_dot.astype(dtype)
+
+
 def store(
     outputs: Sequence[jax.Array],
     out_dtypes: Sequence[Any],
     stochastic: Sequence[bool],
     keys: Sequence[jax.Array] | None = None,
     index: Any = None,
+    *,
+    differentiable: bool = False,
 ) -> tuple[jax.Array, ...]:
     """Each output rounded once to its dtype: stochastically where
     `stochastic` says so, by the bits of its key (`keys`, uint32 scalars in
     output order) at each element's flat `index` (a uint32 array of the
-    outputs' shape, or a callable making one); to nearest elsewhere."""
+    outputs' shape, or a callable making one); to nearest elsewhere.
+
+    With `differentiable` (the XLA path) stochastic rounding is
+    `straight_through_round`. Kernel bodies leave it off: Mosaic GPU lowers no
+    custom_jvp, and a kernel's derivatives are the XLA path's (`_sharding`).
+    """
+    round_stochastically = (
+        straight_through_round if differentiable else stochastic_round
+    )
     hashed = None
     results = []
     for j, (value, dtype) in enumerate(zip(outputs, out_dtypes, strict=True)):
@@ -239,5 +268,5 @@ def store(
             continue
         if hashed is None:
             hashed = mix32(index() if callable(index) else index)
-        results.append(stochastic_round(value, dtype, mix32(keys[j] ^ hashed)))
+        results.append(round_stochastically(value, dtype, mix32(keys[j] ^ hashed)))
     return tuple(results)

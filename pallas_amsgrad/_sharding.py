@@ -27,10 +27,18 @@ coefficients, so a sharded step gives the unsharded step's bits.
 The training recipe's global norm is the one sum over all leaves:
 `sum_per_shard` takes it by the same two routes, each device summing its own
 shards, and adds the devices' partial sums in one scalar all-reduce.
+
+Neither route, nor a kernel writing in place, has derivatives of its own,
+so both functions run them inside a `jax.custom_jvp`: its values are theirs
+(the kernel's bits), its derivatives those of the same math in plain XLA ops
+on the whole arrays (the XLA path; a plain sum), which the partitioner
+splits like any other ops. `jax.grad`, `jvp` and `vjp` so go through every
+implementation, on one device or a mesh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -132,18 +140,23 @@ def per_shard(
 
     Returns:
       Per leaf, its outputs in `operands` order, each sharded as the leaf's
-      param (or, for `update`, its mu).
+      param (or, for `update`, its mu). Their derivatives (jvp, vjp, grad)
+      are the XLA path's on the whole arrays, whatever the implementation.
     """
     group = _Group(implementation, tuple(paths), tuple(out_dtypes), operands)
     leaves = [tuple(leaf) for leaf in leaves]
     if keys is None:  # A replicated operand of the partitioned op, unread.
         keys = jnp.zeros((len(leaves), 4), jnp.uint32)
-    if jax.device_count() == 1:  # Nothing to partition.
-        return group.run(coefficients, leaves, keys)
-    mesh = jax.sharding.get_abstract_mesh()
-    explicit_axes = _explicit_axes(mesh)
-    if explicit_axes:
-        return _in_shard_map(group, mesh, explicit_axes, coefficients, leaves, keys)
+    if jax.device_count() == 1:
+        if isinstance(implementation, _implementations.Xla):
+            return group.run(coefficients, leaves, keys)  # Differentiable as is.
+    elif not _explicit_axes(jax.sharding.get_abstract_mesh()):
+        _check_partitioned(group, leaves)
+    return _with_xla_derivatives(group, coefficients, leaves, keys)
+
+
+def _check_partitioned(group: _Group, leaves) -> None:
+    """The checks of a partitioned group that must precede its tracing."""
     if not jax.config.jax_use_shardy_partitioner:
         raise ValueError(
             "the AMSGrad step on several devices needs jax's default Shardy "
@@ -154,7 +167,46 @@ def per_shard(
         # Concrete arrays (an eager call) carry their shardings: check now.
         shardings = [_concrete_named_sharding(x) for x in leaf]
         check_leaf(path, group.operands, leaf[0].shape, shardings)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _with_xla_derivatives(group: _Group, coefficients, leaves, keys):
+    """The group per shard, differentiable: its values are the group's own
+    (the kernel's bits), its derivatives the XLA path's on the whole arrays.
+
+    Neither a pallas_call that writes in place nor custom_partitioning has a
+    JVP; the XLA path is the same block math in differentiable ops, which
+    the partitioner splits like any other. Reverse mode transposes the
+    tangent half of that JVP, which is linear.
+    """
+    # jit discharges refs at its top level only, not inside a custom_jvp.
+    run = _without_refs(functools.partial(_run_per_shard, group))
+    return run(coefficients, leaves, keys)
+
+
+def _run_per_shard(group: _Group, coefficients, leaves, keys):
+    if jax.device_count() == 1:  # Nothing to partition.
+        return group.run(coefficients, leaves, keys)
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit_axes = _explicit_axes(mesh)
+    if explicit_axes:
+        return _in_shard_map(group, mesh, explicit_axes, coefficients, leaves, keys)
     return _partitioned_group(coefficients, leaves, keys, group)
+
+
+@_with_xla_derivatives.defjvp
+def _xla_group_jvp(group: _Group, primals, tangents):
+    coefficients, leaves, _ = primals
+    # Stochastic rounding differentiates as rounding to nearest does
+    # (straight-through, `_rounding`): the tangents need no random bits.
+    nearest = group._replace(
+        implementation=_implementations.IMPLEMENTATIONS["xla"],
+        operands=dataclasses.replace(
+            group.operands, stochastic=(False,) * len(group.operands.stochastic)
+        ),
+    )
+    _, output_tangents = jax.jvp(nearest.run, (coefficients, leaves), tangents[:2])
+    return _with_xla_derivatives(group, *primals), output_tangents
 
 
 def check_leaf(
@@ -311,7 +363,8 @@ def _partition(group: _Group, mesh, arg_shapes, result_shape):
 def _without_refs(fn):
     """`fn` with the refs it creates inside (the GPU kernel's in-place
     operands) discharged into values, as jit does at its top level: the
-    partitioner refuses to lower a jaxpr with their effect."""
+    partitioner refuses to lower a jaxpr with their effect, and jit cannot
+    discharge them inside a custom_jvp."""
 
     def discharged(*args):
         closed, out_shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
@@ -367,6 +420,13 @@ def sum_per_shard(
     leaves = tuple(leaves)
     if jax.device_count() == 1 or not leaves:
         return _run_sum(leaves, leaf_sum)
+    return _sum_with_xla_derivatives(leaf_sum, leaves)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _sum_with_xla_derivatives(leaf_sum, leaves):
+    """The sum per shard, differentiated as the sum on whole arrays (neither
+    custom_partitioning nor an unchecked shard_map has a JVP)."""
     mesh = jax.sharding.get_abstract_mesh()
     explicit_axes = _explicit_axes(mesh)
     if explicit_axes:
@@ -382,6 +442,15 @@ def sum_per_shard(
             check_vma=False,
         )(leaves)
     return _partitioned_sum(leaves, leaf_sum)
+
+
+@_sum_with_xla_derivatives.defjvp
+def _sum_jvp(leaf_sum, primals, tangents):
+    (leaves,), (leaf_tangents,) = primals, tangents
+    _, total_tangent = jax.jvp(
+        functools.partial(_run_sum, leaf_sum=leaf_sum), (leaves,), (leaf_tangents,)
+    )
+    return _sum_with_xla_derivatives(leaf_sum, leaves), total_tangent
 
 
 def _local_sum(leaf_sum, leaves, specs, axis_names):

@@ -52,7 +52,14 @@ def _steps(c, leaves, out_dtypes, operands, dtype, streams):
             keys = [streams.keys[k, j] for j in range(4)]
             index = functools.partial(streams.flat_index, k, leaf[0].shape)
         results.append(
-            _rounding.store(outputs, out_dtypes, operands.stochastic, keys, index)
+            _rounding.store(
+                outputs,
+                out_dtypes,
+                operands.stochastic,
+                keys,
+                index,
+                differentiable=True,
+            )
         )
     return results
 
