@@ -25,23 +25,22 @@ def small_params():
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """One `verify --steps 3 --json PATH` (the quick default) on small
-    params, shared by the checks of its output: (exit status, stdout, the
-    JSON report)."""
-    path = tmp_path_factory.mktemp("verify") / "verify.json"
+    """One `verify --steps 3 --params PARAMS.npz --json PATH` (the quick
+    default grid) on a user's small params, shared by the checks of its
+    output: (exit status, stdout, the JSON report, the npz's path)."""
+    folder = tmp_path_factory.mktemp("verify")
+    path, params = folder / "verify.json", folder / "params.npz"
+    np.savez(params, **small_params())
     stdout = io.StringIO()
-    with (
-        pytest.MonkeyPatch.context() as patch,
-        contextlib.redirect_stdout(stdout),
-        contextlib.redirect_stderr(io.StringIO()),
-    ):
-        patch.setattr(verify, "default_params", small_params)
-        status = cli.main(["verify", "--steps", "3", "--json", str(path)])
-    return status, stdout.getvalue(), json.loads(path.read_text())
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        status = cli.main(
+            ["verify", "--steps", "3", "--params", str(params), "--json", str(path)]
+        )
+    return status, stdout.getvalue(), json.loads(path.read_text()), params
 
 
 def test_cli_prints_table_and_exits_zero(cli_run):
-    status, out, _ = cli_run
+    status, out, *_ = cli_run
     assert status == 0
     rows = [
         line
@@ -62,11 +61,16 @@ def test_cli_prints_table_and_exits_zero(cli_run):
 
 
 def test_json_file_beside_the_table(cli_run):
-    _, out, run = cli_run
+    _, out, run, params = cli_run
     assert "16 passed, 0 failed" in out
     assert run["passed"] == len(run["rows"]) == 16
     assert run["inputs"]["grid"] == "quick"
     assert len(run["inputs"]["configurations"]) == 6
+    assert run["inputs"]["params"] == str(params)
+    assert run["inputs"]["parameters"] == 9 * 130 + 3
+    assert {r["contender"] for r in run["rows"]} == {"pallas", "xla", "optax"}
+    for key in ("jax", "jaxlib", "optax", "backend", "devices", "pallas_amsgrad"):
+        assert run["environment"][key]
 
 
 def test_every_row_compares_values(cli_run):
@@ -77,38 +81,41 @@ def test_every_row_compares_values(cli_run):
         assert row["passed"], row
 
 
-def test_full_grid_streams_rows_with_progress_on_stderr(monkeypatch, capsys):
-    """`--full`: every configuration, each row printed in order as the run
-    goes on (one job, so that each configuration's progress line comes
-    right before its rows)."""
+def test_full_grid_fails_a_wrong_contender_streaming_rows_in_order(monkeypatch, capsys):
+    """`--full` runs every configuration; a contender with a wrong b1 fails
+    every one of its rows (optax's pass) and the command exits 1. Each row is
+    printed as the run goes on, right after its configuration's progress line
+    (one job)."""
     monkeypatch.setattr(verify, "default_params", small_params)
+    monkeypatch.setattr(verify, "IMPLEMENTATIONS", (WRONG_B1,))
     streamed = []
     real_format_row = verify.format_row
 
     def format_row(row):
-        # Each row is printed while the run goes on, after the rows before it.
-        streamed.append(capsys.readouterr())
+        streamed.append((row, capsys.readouterr()))
         return real_format_row(row)
 
     monkeypatch.setattr(verify, "format_row", format_row)
-    assert cli.main(["verify", "--full", "--steps", "1", "--jobs", "1"]) == 0
-    assert len(streamed) == 54
-    assert streamed[0].out.startswith(
+    assert cli.main(["verify", "--full", "--steps", "2", "--jobs", "1"]) == 1
+    configurations = verify.CONFIGURATIONS
+    assert len(configurations) == 20
+    assert streamed[0][1].out.startswith(
         "pallas-amsgrad verify (the full grid, 20 configurations) on cpu"
     )
-    assert "[1/20] float32 params, mu_dtype param; 0.0 s elapsed" in streamed[0].err
-    assert capsys.readouterr().out.rstrip().endswith("54 passed, 0 failed")
-    # Three rows (pallas, xla, optax) per configuration, two without optax.
-    assert "[12/20] float16 params, mu_dtype float32;" in streamed[33].err
-    assert (
-        "[14/20] float32 params, mu_dtype bfloat16, nu_dtype bfloat16;"
-        in streamed[38].err
-    )
-    assert "[17/20] float16 params, mu_dtype param, recipe;" in streamed[46].err
-    assert (
-        "[20/20] float32 params, mu_dtype bfloat16, nu_dtype bfloat16, "
-        "stochastic rounding;" in streamed[52].err
-    )
+    rows = [row for row, _ in streamed]
+    assert [r["contender"] for r in rows if r["contender"] != "optax"] == [
+        "wrong-b1"
+    ] * 20
+    assert not any(r["passed"] for r in rows if r["contender"] == "wrong-b1")
+    assert all(r["passed"] for r in rows if r["contender"] == "optax")
+    first_row = 0
+    for number, config in enumerate(configurations, 1):
+        progress = streamed[first_row][1].err
+        assert f"[{number}/20] {config.describe()};" in progress
+        first_row += 1 + config.with_optax
+    assert first_row == len(rows)
+    summary = capsys.readouterr().out.rstrip()
+    assert summary.endswith(f"{sum(r['passed'] for r in rows)} passed, 20 failed")
 
 
 def test_a_row_that_compared_nothing_fails():
@@ -146,18 +153,6 @@ WRONG_B1 = XlaWith("wrong-b1", (("b1", 0.85), ("one_minus_b1", 0.15)))
 NEVER_SKIPS = XlaWith("never-skips", (("accept", 1),))
 
 
-def test_disagreement_fails():
-    """A contender with a wrong b1 fails every one of its rows."""
-    rows = verify.verify(
-        params=small_params(),
-        steps=2,
-        implementations=(WRONG_B1,),
-        configurations=verify.CONFIGURATIONS,
-    )
-    failed = [r for r in rows if r.contender == "wrong-b1" and not r.passed]
-    assert len(failed) == len(verify.CONFIGURATIONS) == 20
-
-
 def test_a_step_that_is_not_skipped_fails_the_recipe_rows():
     """The recipe rows run a step with a NaN gradient, which the finite guard
     skips; a contender that steps anyway fails them, and only them."""
@@ -176,19 +171,13 @@ def test_a_step_that_is_not_skipped_fails_the_recipe_rows():
     assert failed == {(dtype, "recipe") for dtype in verify.PARAM_DTYPES}
 
 
-def test_json_report_of_a_users_npz(tmp_path, capsys):
-    path = tmp_path / "params.npz"
-    np.savez(path, **small_params())
-    assert (
-        cli.main(["verify", "--steps", "1", "--params", str(path), "--json", "-"]) == 0
-    )
+def test_json_only_on_stdout(monkeypatch, capsys):
+    """`--json -` prints the report alone, for piping."""
+    monkeypatch.setattr(verify, "default_params", small_params)
+    monkeypatch.setattr(verify, "QUICK_CONFIGURATIONS", verify.CONFIGURATIONS[:1])
+    assert cli.main(["verify", "--steps", "1", "--json", "-"]) == 0
     run = json.loads(capsys.readouterr().out)
-    assert run["inputs"]["params"] == str(path)
-    assert run["inputs"]["parameters"] == 9 * 130 + 3
-    assert run["failed"] == 0 and run["passed"] == len(run["rows"]) == 16
-    assert {r["contender"] for r in run["rows"]} == {"pallas", "xla", "optax"}
-    for key in ("jax", "jaxlib", "optax", "backend", "devices", "pallas_amsgrad"):
-        assert run["environment"][key]
+    assert run["failed"] == 0 and run["passed"] == len(run["rows"]) == 3
 
 
 def test_npz_with_an_integer_leaf_is_refused(tmp_path):

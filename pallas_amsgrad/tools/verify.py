@@ -38,6 +38,8 @@ from pallas_amsgrad.tools.environment import environment
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 MU_DTYPES = (None, "bfloat16", "float16", "float32")
 DEFAULT_MODEL = "transformer-tiny"
+# The contenders besides optax: the kernel and the XLA path.
+IMPLEMENTATIONS = ("pallas", "xla")
 
 
 def decay_matrices(params):
@@ -289,7 +291,7 @@ def verify(
     params=None,
     steps: int = 3,
     learning_rate: float = 1e-3,
-    implementations: Sequence = ("pallas", "xla"),
+    implementations: Sequence | None = None,
     on_row: Callable[[Row], None] | None = None,
     progress: TextIO | None = None,
     configurations: Sequence[Configuration] = QUICK_CONFIGURATIONS,
@@ -299,7 +301,7 @@ def verify(
     configuration and contender, in their order.
 
     `implementations` are names or implementation objects (each row is named
-    by the object's `name`).
+    by the object's `name`); None: `IMPLEMENTATIONS`.
 
     `on_row` is called with each row as its configuration finishes, in order;
     `progress` (e.g. sys.stderr) gets a line as each configuration starts.
@@ -307,6 +309,7 @@ def verify(
     time is XLA compiling, which runs beside another's tracing.
     """
     params = default_params() if params is None else params
+    implementations = implementations or IMPLEMENTATIONS
     # One program per configuration each, rather than an op at a time.
     reference = jax.jit(_reference, static_argnums=3)
     optax_state_of = jax.jit(composition.optax_state_of, static_argnums=1)
