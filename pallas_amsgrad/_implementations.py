@@ -52,11 +52,17 @@ class Pallas:
         GPU kernel (Mosaic GPU's `InterpretGPUParams`) in Pallas' interpreter
         for that device, on any backend: the device's kernel, tested without
         the device.
+      platforms: the platforms ("tpu", "cuda", "cpu", ...) the step may be
+        lowered for, e.g. `("tpu",)`: only their kernels are traced, which
+        saves tracing each leaf's kernels for the others (on CPU, where the
+        generic interpreter runs, both). None: any platform, chosen at
+        lowering, as `jax.export(..., platforms=[...])` needs.
     """
 
     name: ClassVar[str] = "pallas"
     block_sizes: common.BlockSizes | None = None
     interpret_params: Any = None
+    platforms: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.block_sizes is not None and not isinstance(
@@ -64,6 +70,15 @@ class Pallas:
         ):
             raise TypeError(
                 f"block_sizes={self.block_sizes!r} must be a BlockSizes or None"
+            )
+        if self.platforms is not None and not (
+            isinstance(self.platforms, tuple)
+            and self.platforms
+            and all(isinstance(p, str) and p == p.lower() for p in self.platforms)
+        ):
+            raise TypeError(
+                f"platforms={self.platforms!r} must be None or a non-empty tuple "
+                'of lowercase platform names, e.g. ("tpu",)'
             )
 
     def __call__(self, coefficients, leaves, *, out_dtypes, operands, streams=None):
@@ -75,6 +90,7 @@ class Pallas:
             streams=streams,
             block_sizes=self.block_sizes,
             interpret_params=self.interpret_params,
+            platforms=self.platforms,
         )
 
 
@@ -241,6 +257,13 @@ def for_device(implementation: Implementation, device) -> Implementation:
         return implementation_for(device, implementation.block_sizes)
     if isinstance(implementation, Pallas) and implementation.interpret_params is None:
         target = Target.of(device)
+        platforms = implementation.platforms
+        if platforms is not None and target.platform not in platforms:
+            raise ValueError(
+                f"implementation={implementation!r} is lowered only for "
+                f"{platforms}, but the step runs on {target}: add "
+                f"{target.platform!r} to its platforms, or leave them None"
+            )
         reason = target.cannot_compile_kernel()
         if reason is not None:
             raise ValueError(

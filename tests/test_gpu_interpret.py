@@ -44,7 +44,7 @@ def race_checked():
     assert not races.races_found, "the GPU interpreter detected a data race"
 
 
-@settings(max_examples=3)
+@settings(max_examples=2)
 @given(data=st.data())
 @pytest.mark.parametrize(
     "dtype, mu_dtype",

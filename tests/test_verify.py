@@ -86,7 +86,7 @@ def test_full_grid_fails_a_wrong_contender_streaming_rows_in_order(monkeypatch, 
     every one of its rows (optax's pass) and the command exits 1. Each row is
     printed as the run goes on, right after its configuration's progress line
     (one job)."""
-    monkeypatch.setattr(verify, "default_params", small_params)
+    monkeypatch.setattr(verify, "default_params", lambda full: small_params())
     monkeypatch.setattr(verify, "IMPLEMENTATIONS", (WRONG_B1,))
     streamed = []
     real_format_row = verify.format_row
@@ -116,6 +116,17 @@ def test_full_grid_fails_a_wrong_contender_streaming_rows_in_order(monkeypatch, 
     assert first_row == len(rows)
     summary = capsys.readouterr().out.rstrip()
     assert summary.endswith(f"{sum(r['passed'] for r in rows)} passed, 20 failed")
+
+
+def test_the_quick_run_takes_one_leaf_of_each_kind():
+    full, quick = verify.default_params(), verify.default_params(full=False)
+    assert list(quick) == list(verify.QUICK_LEAVES)
+    for name, leaf in quick.items():
+        np.testing.assert_array_equal(leaf, full[name])
+    shapes = {leaf.shape for leaf in quick.values()}
+    assert len(shapes) == len(quick)  # No kind twice.
+    assert {len(shape) for shape in shapes} == {0, 1, 2}
+    assert verify.default_source(False).endswith("one leaf of each kind")
 
 
 def test_a_row_that_compared_nothing_fails():
@@ -173,7 +184,7 @@ def test_a_step_that_is_not_skipped_fails_the_recipe_rows():
 
 def test_json_only_on_stdout(monkeypatch, capsys):
     """`--json -` prints the report alone, for piping."""
-    monkeypatch.setattr(verify, "default_params", small_params)
+    monkeypatch.setattr(verify, "default_params", lambda full: small_params())
     monkeypatch.setattr(verify, "QUICK_CONFIGURATIONS", verify.CONFIGURATIONS[:1])
     assert cli.main(["verify", "--steps", "1", "--json", "-"]) == 0
     run = json.loads(capsys.readouterr().out)

@@ -34,6 +34,7 @@ def amsgrad_pallas_group(
     streams: _rounding.Streams | None = None,
     block_sizes: common.BlockSizes | None = None,
     interpret_params: Any = None,
+    platforms: tuple[str, ...] | None = None,
 ) -> list[tuple[jax.Array, ...]]:
     """Fused AMSGrad on leaves of any shapes that share their dtypes.
 
@@ -52,6 +53,9 @@ def amsgrad_pallas_group(
         on any backend; a Mosaic GPU `InterpretGPUParams` likewise the GPU
         kernel (its grid, TMA copies and barriers). For testing without the
         device.
+      platforms: the platforms the group may be lowered for ("tpu", "cuda",
+        "cpu", ...); None: any. Only their kernels are traced (a platform
+        without one gets the generic interpreter).
 
     Returns:
       Per leaf, its outputs in the leaf's shape.
@@ -105,11 +109,17 @@ def amsgrad_pallas_group(
     elif any(jnp.dtype(d).itemsize == 8 for d in all_dtypes):
         outputs = branch("interpret")(*args)
     else:
-        outputs = jax.lax.platform_dependent(
-            *args,
-            default=branch("interpret"),
-            **{p: branch(p) for p in common.COMPILED_PLATFORMS},
-        )
+        compiled = [
+            p for p in common.COMPILED_PLATFORMS if platforms is None or p in platforms
+        ]
+        if platforms is not None and len(platforms) == 1:
+            outputs = branch(compiled[0] if compiled else "interpret")(*args)
+        else:
+            outputs = jax.lax.platform_dependent(
+                *args,
+                default=branch("interpret"),
+                **{p: branch(p) for p in compiled},
+            )
     for k, leaf_outputs in zip(nonempty, outputs, strict=True):
         results[k] = tuple(leaf_outputs)
     return results

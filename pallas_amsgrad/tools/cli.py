@@ -16,8 +16,8 @@ def _verify(args) -> int:
     if args.params:
         params, source = verify.load_params(args.params), args.params
     else:
-        params = verify.default_params()
-        source = f"embedded {verify.DEFAULT_MODEL}"
+        params = verify.default_params(full=args.full)
+        source = verify.default_source(args.full)
     run = verify.run_command(
         params,
         source,
@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         "and options for N steps with the kernel (compiled on TPU/GPU, "
         "interpreted on CPU), the XLA path and optax, and prints each one's "
         "largest error against the spec in ULPs. By default a representative "
-        "subset: each param dtype with its default mu_dtype, one recipe, one "
-        "lean-state and one stochastic-rounding configuration; --full runs "
-        "every configuration. Exits 1 on any disagreement.",
+        "subset, on one leaf of each kind of the embedded model: each param "
+        "dtype with its default mu_dtype, one recipe, one lean-state and one "
+        "stochastic-rounding configuration; --full runs every configuration "
+        "on every leaf. Exits 1 on any disagreement.",
     )
     verify.add_argument(
         "--full",
@@ -169,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument(
         "--jobs",
         type=int,
-        default=2,
-        help="configurations run at once, in threads (default 2)",
+        default=None,
+        help="configurations run at once, in threads (default: one more than "
+        "the cores)",
     )
     verify.add_argument(
         "--params",
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, parser)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     return _verify(args)
 

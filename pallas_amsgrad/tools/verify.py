@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ import numpy as np
 
 import amsgrad_spec as spec
 import pallas_amsgrad
+from pallas_amsgrad import _implementations
 from pallas_amsgrad.tools import composition, ulps, workloads
 from pallas_amsgrad.tools.environment import environment
 
@@ -70,13 +72,22 @@ GRADIENT_STD = 0.01
 FLOAT16_GRADIENT_MAGNITUDES = (0.5, 4.0)
 
 
-def default_params(seed: int = 0) -> dict[str, np.ndarray]:
-    """`transformer-tiny`'s leaves, N(0, 0.05) in float32."""
+def default_params(seed: int = 0, full: bool = True) -> dict[str, np.ndarray]:
+    """`transformer-tiny`'s leaves, N(0, 0.05) in float32; all of them, or
+    (`full=False`) one leaf of each kind, `QUICK_LEAVES`."""
     rng = np.random.default_rng(seed)
-    return {
+    params = {
         name: rng.normal(0, 0.05, shape).astype(np.float32)
         for name, shape in workloads.MODELS[DEFAULT_MODEL]().items()
     }
+    return params if full else {name: params[name] for name in QUICK_LEAVES}
+
+
+def default_source(full: bool) -> str:
+    """The default params' description in the report."""
+    if full:
+        return f"embedded {DEFAULT_MODEL}"
+    return f"embedded {DEFAULT_MODEL}, one leaf of each kind"
 
 
 def load_params(path: str) -> dict[str, np.ndarray]:
@@ -143,6 +154,17 @@ QUICK_CONFIGURATIONS = (
     Configuration("float32", None, recipe=True),
     Configuration("float32", "bfloat16", "bfloat16"),
     Configuration("bfloat16", None, stochastic=True),
+)
+# The quick run's leaves of DEFAULT_MODEL, one of each kind the kernels
+# block differently: rows of 64 lanes, a matrix wider than 128 lanes, a
+# vector longer than 128 and not a multiple of it, a vector shorter than one
+# row of 128, a scalar. Compile time grows with the number of leaves.
+QUICK_LEAVES = (
+    "embed",
+    "layer0.attention.qkv",
+    "layer0.attention.qkv_bias",
+    "final_norm.scale",
+    "temperature",
 )
 # The seed of the stochastic rounding rows.
 SEED = 0
@@ -295,7 +317,7 @@ def verify(
     on_row: Callable[[Row], None] | None = None,
     progress: TextIO | None = None,
     configurations: Sequence[Configuration] = QUICK_CONFIGURATIONS,
-    jobs: int = 2,
+    jobs: int | None = None,
 ) -> list[Row]:
     """Runs the comparison on `configurations`; returns one row per
     configuration and contender, in their order.
@@ -305,11 +327,16 @@ def verify(
 
     `on_row` is called with each row as its configuration finishes, in order;
     `progress` (e.g. sys.stderr) gets a line as each configuration starts.
-    `jobs` configurations run at once, in threads: most of a configuration's
-    time is XLA compiling, which runs beside another's tracing.
+    `jobs` configurations run at once, in threads (None: one more than the
+    cores): most of a configuration's time is XLA compiling, which runs
+    beside another's tracing.
     """
+    if jobs is None:
+        jobs = (os.cpu_count() or 1) + 1
     params = default_params() if params is None else params
-    implementations = implementations or IMPLEMENTATIONS
+    implementations = [
+        _for_this_device(impl) for impl in implementations or IMPLEMENTATIONS
+    ]
     # One program per configuration each, rather than an op at a time.
     reference = jax.jit(_reference, static_argnums=3)
     optax_state_of = jax.jit(composition.optax_state_of, static_argnums=1)
@@ -350,6 +377,16 @@ def verify(
         for future in [pool.submit(run, *item) for item in numbered]:
             finished(future.result())
     return rows
+
+
+def _for_this_device(implementation):
+    """ "pallas" as the kernel lowered for this process's device only (its
+    rows are still "pallas"): tracing the other platforms' kernels would
+    take most of its time."""
+    if implementation != "pallas":
+        return implementation
+    platform = _implementations.Target.of(jax.devices()[0]).platform
+    return pallas_amsgrad.Pallas(platforms=(platform,))
 
 
 def _verify_configuration(
@@ -592,7 +629,7 @@ def run_command(
     learning_rate: float,
     stream: bool,
     full: bool = False,
-    jobs: int = 2,
+    jobs: int | None = None,
 ) -> dict:
     """`verify` as the command runs it: with `stream`, the header at once and
     each row as it finishes on stdout, progress on stderr."""
