@@ -257,13 +257,6 @@ def for_device(implementation: Implementation, device) -> Implementation:
         return implementation_for(device, implementation.block_sizes)
     if isinstance(implementation, Pallas) and implementation.interpret_params is None:
         target = Target.of(device)
-        platforms = implementation.platforms
-        if platforms is not None and target.platform not in platforms:
-            raise ValueError(
-                f"implementation={implementation!r} is lowered only for "
-                f"{platforms}, but the step runs on {target}: add "
-                f"{target.platform!r} to its platforms, or leave them None"
-            )
         reason = target.cannot_compile_kernel()
         if reason is not None:
             raise ValueError(
@@ -272,6 +265,24 @@ def for_device(implementation: Implementation, device) -> Implementation:
                 "None, which picks it on this device."
             )
     return implementation
+
+
+def check_platforms(implementation: Implementation, arrays: Sequence[Any]) -> None:
+    """Raises where a `Pallas` lowered for some platforms only is called on
+    concrete arrays of another (traced arrays may be exported for any)."""
+    platforms = getattr(implementation, "platforms", None)
+    if platforms is None:
+        return
+    for x in arrays:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            target = Target.of(min(x.devices(), key=lambda d: d.id))
+            if target.platform not in platforms:
+                raise ValueError(
+                    f"implementation={implementation!r} is lowered only for "
+                    f"platforms={platforms}, but the step runs on {target}: add "
+                    f"{target.platform!r} to its platforms, or leave them None"
+                )
+            return
 
 
 def resolve(

@@ -154,10 +154,11 @@ def fused_update(
         checked["params"] = params
     _validation.check_trees(grads, checked)
     step_operands = _math.STEP if apply_to_params else _math.UPDATE
+    arrays = jax.tree.leaves((grads, params, state))
     implementation = _implementations.for_device(
-        implementation,
-        _implementations.placed_device(jax.tree.leaves((grads, params, state))),
+        implementation, _implementations.placed_device(arrays)
     )
+    _implementations.check_platforms(implementation, arrays)
 
     count = optax.safe_increment(state.count)
     if recipe.accept is not None:  # A skipped step leaves the count too.

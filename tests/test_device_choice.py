@@ -146,3 +146,47 @@ def test_placed_device_follows_jax_default_device():
     with jax.default_device("cpu"):
         assert _implementations.placed_device([]) == jax.devices("cpu")[0]
     assert _implementations.placed_device([]) == jax.devices()[0]
+
+
+def _traced_step(implementation) -> str:
+    params = {"w": jnp.ones((8, 130)), "b": jnp.ones(3)}
+    opt = pallas_amsgrad.amsgrad(0.1, implementation=implementation)
+    return str(jax.make_jaxpr(opt.step)(params, opt.init(params), params))
+
+
+def test_kernel_for_named_platforms_traces_only_theirs():
+    """`Pallas()` traces the TPU and GPU kernels and the interpreter, to be
+    chosen at lowering; `Pallas(platforms=("cpu",))` the interpreter alone."""
+    assert "platform_index" in _traced_step(pallas_amsgrad.Pallas())
+    assert "platform_index" not in _traced_step(
+        pallas_amsgrad.Pallas(platforms=("cpu",))
+    )
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_kernel_for_one_platform_exports_for_it(platform):
+    params = jax.ShapeDtypeStruct((8, 256), jnp.float32)
+    opt = pallas_amsgrad.amsgrad(
+        0.1, implementation=pallas_amsgrad.Pallas(platforms=(platform,))
+    )
+    state = jax.eval_shape(opt.init, params)
+    module = jax.export.export(jax.jit(opt.step), platforms=[platform])(
+        params, state, params
+    ).mlir_module()
+    target = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu"}[platform]
+    assert target in module
+
+
+def test_kernel_for_other_platforms_is_refused_naming_them():
+    opt = pallas_amsgrad.amsgrad(
+        0.1, implementation=pallas_amsgrad.Pallas(platforms=("tpu",))
+    )
+    params = jnp.ones(4)
+    with pytest.raises(ValueError, match=r"lowered only for platforms=\('tpu',\).*cpu"):
+        opt.step(params, opt.init(params), params)
+
+
+@pytest.mark.parametrize("platforms", ["tpu", (), ("TPU",), (1,)], ids=repr)
+def test_platforms_must_be_a_tuple_of_platform_names(platforms):
+    with pytest.raises(TypeError, match=r"platforms=.* must be None or a non-empty"):
+        pallas_amsgrad.Pallas(platforms=platforms)
