@@ -64,7 +64,7 @@ def pytest_ignore_collect(collection_path, config):
 
 settings.register_profile(
     "ci",
-    max_examples=6,
+    max_examples=4,
     derandomize=True,
     deadline=None,
     print_blob=True,
