@@ -79,7 +79,7 @@ settings.register_profile(
 )
 # Under mutmut a failing example is all that is needed: shrinking it would
 # cost minutes per mutant. Equivalent mutants run every selected test, so the
-# property tests draw half of `ci`'s examples there; the fixed cases in the
+# property tests draw 3 of `ci`'s 4 examples there; the fixed cases in the
 # selection carry the rest.
 settings.register_profile(
     "mutation",
