@@ -199,13 +199,21 @@ def implementation_for(device, block_sizes: common.BlockSizes | None = None):
     return IMPLEMENTATIONS["xla"]
 
 
+def concrete_device(arrays: Sequence[Any]):
+    """The device of the first concrete (not traced) array, or None."""
+    for x in arrays:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            return min(x.devices(), key=lambda d: d.id)
+    return None
+
+
 def placed_device(arrays: Sequence[Any]):
     """The device a step on `arrays` runs on, as far as tracing can see it:
     that of a concrete input, else of the mesh in context (`jax.set_mesh`),
     else jax's default device."""
-    for x in arrays:
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-            return min(x.devices(), key=lambda d: d.id)
+    concrete = concrete_device(arrays)
+    if concrete is not None:
+        return concrete
     abstract = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
     if abstract is not None:
         for device in jax.devices(abstract.platform):
@@ -271,18 +279,16 @@ def check_platforms(implementation: Implementation, arrays: Sequence[Any]) -> No
     """Raises where a `Pallas` lowered for some platforms only is called on
     concrete arrays of another (traced arrays may be exported for any)."""
     platforms = getattr(implementation, "platforms", None)
-    if platforms is None:
+    device = concrete_device(arrays)
+    if platforms is None or device is None:
         return
-    for x in arrays:
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-            target = Target.of(min(x.devices(), key=lambda d: d.id))
-            if target.platform not in platforms:
-                raise ValueError(
-                    f"implementation={implementation!r} is lowered only for "
-                    f"platforms={platforms}, but the step runs on {target}: add "
-                    f"{target.platform!r} to its platforms, or leave them None"
-                )
-            return
+    target = Target.of(device)
+    if target.platform not in platforms:
+        raise ValueError(
+            f"implementation={implementation!r} is lowered only for "
+            f"platforms={platforms}, but the step runs on {target}: add "
+            f"{target.platform!r} to its platforms, or leave them None"
+        )
 
 
 def resolve(

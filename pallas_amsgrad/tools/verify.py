@@ -380,12 +380,13 @@ def verify(
 
 
 def _for_this_device(implementation):
-    """ "pallas" as the kernel lowered for this process's device only (its
-    rows are still "pallas"): tracing the other platforms' kernels would
-    take most of its time."""
+    """The kernel, named "pallas", lowered for the device the steps run on
+    alone (its rows are still "pallas"): tracing the other platforms'
+    kernels would take most of its time."""
     if implementation != "pallas":
         return implementation
-    platform = _implementations.Target.of(jax.devices()[0]).platform
+    device = _implementations.placed_device(())
+    platform = _implementations.Target.of(device).platform
     return pallas_amsgrad.Pallas(platforms=(platform,))
 
 
