@@ -42,14 +42,14 @@ if _IN_MUTANTS:
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
-from implementations import IMPLEMENTATIONS  # noqa: E402
+from implementations import IMPLEMENTATIONS, named  # noqa: E402
 
 
-@pytest.fixture(scope="session", params=list(IMPLEMENTATIONS))
+@pytest.fixture(scope="session", params=IMPLEMENTATIONS)
 def implementation(request):
     """Each implementation object in turn: every check that takes this
     fixture runs on all of them."""
-    return IMPLEMENTATIONS[request.param]
+    return named(request.param)
 
 
 def pytest_ignore_collect(collection_path, config):

@@ -1,6 +1,6 @@
 """The implementations the suite runs, as objects handed to the optimizer.
 
-`IMPLEMENTATIONS` is what conftest.py's `implementation` fixture runs every
+`IMPLEMENTATIONS` names what conftest.py's `implementation` fixture runs every
 implementation-level check with; the accelerator-interpreter lanes build their
 own `Pallas` objects (`tpu_interpreted`, `gpu_interpreted`). Nothing is
 patched: the object carries its configuration.
@@ -9,6 +9,7 @@ patched: the object carries its configuration.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +19,25 @@ from jax.experimental.pallas import tpu as pltpu
 
 import amsgrad_spec as spec
 import pallas_amsgrad
+from pallas_amsgrad import _implementations
 from pallas_amsgrad.tools import composition
 
-IMPLEMENTATIONS = {
-    # Pallas' generic interpreter, lowered for CPU alone: the TPU and GPU
-    # kernels, which it would also trace, are traced and run in their own
-    # lanes (test_tpu_interpret, test_gpu_interpret, test_lowering).
-    "pallas": pallas_amsgrad.Pallas(platforms=("cpu",)),
-    "xla": pallas_amsgrad.Xla(),
-}
+IMPLEMENTATIONS = ("pallas", "xla")
+
+
+@functools.cache
+def named(name: str):
+    """The object the suite runs for `name`. "pallas" is the kernel lowered
+    for this host's platform alone: on CPU Pallas' generic interpreter (the
+    TPU and GPU kernels, which it would also trace, are traced and run in
+    their own lanes: test_tpu_interpret, test_gpu_interpret, test_lowering),
+    on a GPU or TPU host the compiled kernel, which the accelerator lane
+    judges. Resolved at first use, so that importing the tests starts no
+    backend."""
+    if name == "pallas":
+        platform = _implementations.Target.of(jax.devices()[0]).platform
+        return pallas_amsgrad.Pallas(platforms=(platform,))
+    return pallas_amsgrad.IMPLEMENTATIONS[name]
 
 
 def tpu_interpreted(block_rows: int, **overrides) -> pallas_amsgrad.Pallas:
@@ -87,7 +98,7 @@ def optimizer(hp, implementation, block_sizes=None):
     """pallas_amsgrad.amsgrad with the hyperparameters and options of `hp`;
     `implementation` is an object or a name from `IMPLEMENTATIONS`."""
     if isinstance(implementation, str):
-        implementation = IMPLEMENTATIONS[implementation]
+        implementation = named(implementation)
     return pallas_amsgrad.amsgrad(
         **composition.pallas_kwargs(hp),
         implementation=with_block_sizes(implementation, block_sizes),

@@ -12,9 +12,10 @@ import json
 import math
 
 import pytest
+from test_device_choice import A100, CPU, H100, TPU
 
 from pallas_amsgrad.tools import cli, workloads
-from pallas_amsgrad.tools.bench import contenders, report
+from pallas_amsgrad.tools.bench import contenders, peaks, report
 
 
 @pytest.mark.parametrize(
@@ -65,6 +66,35 @@ def test_bench_with_16_bit_nu_runs_every_contender(tmp_path, capsys):
     assert run["config"]["stochastic_rounding"] is True
     assert run["config"]["bytes_per_param"]["step"] == 28
     assert all(case["median_s"] > 0 for case in run["cases"]), run["cases"]
+
+
+def test_roofline_streams_the_steps_bytes_once():
+    """One pass over a buffer of the step's minimum bytes: half read, half
+    written, each word once."""
+    config = contenders.Config("float32", "bfloat16", nu_dtype="bfloat16")
+    run = contenders.roofline_pass({"w": (40, 25), "b": (200,)}, config)
+    run()
+    assert run.bytes_moved == 1200 * 24
+
+
+def test_peaks_are_the_datasheets():
+    assert peaks.peak_gb_per_s("NVIDIA H100 80GB HBM3") == 3350
+    assert peaks.peak_gb_per_s("NVIDIA H200") == 4800
+    assert math.isnan(peaks.peak_gb_per_s("cpu"))
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        (TPU, ["pallas", "xla"]),
+        (H100, ["xla", "pallas"]),
+        (A100, ["xla"]),
+        (CPU, ["xla"]),
+    ],
+    ids=lambda v: getattr(v, "device_kind", None),
+)
+def test_bench_times_every_implementation_that_compiles_default_first(device, expected):
+    assert contenders.implementations_here(device) == expected
 
 
 def test_parse_size():
@@ -149,6 +179,15 @@ def test_bench_command_writes_table_json_png_and_compares(tmp_path, capsys):
         assert case["median_s"] > 0 and case["rounds"] == 2, case
     assert run["cases"][0]["of_roofline"] == 1.0
     assert run["environment"]["jax"] and run["config"]["bytes_per_param"]["step"] == 36
+    assert run["config"]["roofline"] == contenders.ROOFLINE_KIND
+    assert run["config"]["device_kind"] == "cpu"
+    assert math.isnan(run["config"]["peak_gb_per_s"])  # No table entry for CPUs.
+    # Each of this package's and optax's jitted steps records its lowering
+    # and compile; the roofline and torch, which are not timed so, do not.
+    for case in run["cases"]:
+        jitted = case["contender"].startswith(("step", "update", "optax"))
+        for key in ("lower_s", "compile_s"):
+            assert (case[key] > 0) if jitted else math.isnan(case[key]), case
 
     # Against a baseline in which our step ran at 100x the roofline: beyond
     # any timing noise and tolerance, so the command must fail.
@@ -202,6 +241,15 @@ def test_bench_command_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--compare", str(other)])
     assert "pass the same --dtype" in capsys.readouterr().err
+    # So is a baseline of the roofline of the step's own shape, before
+    # results recorded their roofline.
+    old = tmp_path / "old.json"
+    old.write_text(
+        json.dumps({"config": {"dtype": "float32", "mu_dtype": None}, "cases": []})
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--compare", str(old)])
+    assert "measured a step-shaped roofline" in capsys.readouterr().err
     not_bench = tmp_path / "other.json"
     not_bench.write_text("{}")
     with pytest.raises(SystemExit):

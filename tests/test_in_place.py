@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 
+import exporting
 import jax
 import jax.numpy as jnp
 import pytest
@@ -52,8 +53,7 @@ def _abstract(dtype, mu_dtype, implementation="pallas", **options):
 
 def _export(platform, dtype, mu_dtype, **options):
     opt, params, state = _abstract(dtype, mu_dtype, **options)
-    exported = jax.export.export(_train_step(opt), platforms=[platform])
-    return exported(params, state, params).mlir_module()
+    return exporting.export(_train_step(opt), platform, params, state, params)
 
 
 def _custom_calls(module, platform):
@@ -242,9 +242,7 @@ def test_tpu_launches_a_kernel_per_dtype_group_gpu_per_leaf(platform):
         for k, s in SHAPES.items()
     }
     state = jax.eval_shape(opt.init, params)
-    module = jax.export.export(_train_step(opt), platforms=[platform])(
-        params, state, params
-    ).mlir_module()
+    module = exporting.export(_train_step(opt), platform, params, state, params)
     calls = _custom_calls(module, platform)
     # Operands: the coefficients, then (param, grad, mu, nu, nu_max) per leaf.
     operands = sorted(
@@ -266,9 +264,7 @@ def test_gpu_launches_a_kernel_per_leaf_of_a_large_group():
     params = [jax.ShapeDtypeStruct((8, 128), "float32")] * 20
     state = jax.eval_shape(opt.init, params)
     for platform, launches in (("cuda", 20), ("tpu", 1)):
-        module = jax.export.export(_train_step(opt), platforms=[platform])(
-            params, state, params
-        ).mlir_module()
+        module = exporting.export(_train_step(opt), platform, params, state, params)
         assert len(_custom_calls(module, platform)) == launches, platform
 
 

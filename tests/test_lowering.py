@@ -13,9 +13,12 @@ import itertools
 import math
 import re
 
+import exporting
 import jax
 import pytest
 import strategies
+from jax._src.pallas import primitives
+from jax._src.pallas.mosaic import lowering, tpu_info
 
 import pallas_amsgrad
 from pallas_amsgrad import _math
@@ -53,7 +56,7 @@ def _export(platform, fn_name, dtype, mu_dtype, shapes=SHAPES, block_sizes=None)
         fn, args = jax.jit(opt.step, donate_argnums=(1, 2)), (params, state, params)
     else:
         fn, args = jax.jit(opt.update, donate_argnums=1), (params, state)
-    return jax.export.export(fn, platforms=[platform])(*args).mlir_module()
+    return exporting.export(fn, platform, *args)
 
 
 def _lowering_semantics(fn_name, dtype, mu_dtype) -> set[str]:
@@ -169,3 +172,27 @@ def test_float64_runs_the_interpreter_on_every_target():
         for platform, target in CUSTOM_CALLS.items():
             module = _export(platform, "step", "float64", None, shapes={"w": (8, 128)})
             assert not _custom_calls(module, target), platform
+
+
+def test_tpu_export_names_the_tpu_that_jax_0_11_2_lowering_reads(monkeypatch):
+    """jax 0.11.2's Mosaic TPU lowers `pl.run_scoped` after reading the
+    TPU's kind (`tpu_info.get_tpu_info`), which fails on a host without
+    TPUs unless an abstract mesh names one. Emulated here on the installed
+    jax: the bare export fails so, and `exporting.export`, which the suite's
+    TPU exports use, lowers every launch."""
+    for rules in lowering.lowering_rules.values():
+        if primitives.run_scoped_p in rules:
+            rule = rules[primitives.run_scoped_p]
+
+            def reads_the_tpu(*args, rule=rule, **kwargs):
+                tpu_info.get_tpu_info()
+                return rule(*args, **kwargs)
+
+            monkeypatch.setitem(rules, primitives.run_scoped_p, reads_the_tpu)
+    opt = pallas_amsgrad.amsgrad(1e-3, implementation="pallas")
+    params = [jax.ShapeDtypeStruct((8, 128), "float32")] * 2
+    args = (params, jax.eval_shape(opt.init, params), params)
+    step = jax.jit(opt.step)
+    with pytest.raises(ValueError, match="Unsupported TPU device kind: cpu"):
+        jax.export.export(step, platforms=["tpu"])(*args)
+    assert exporting.export(step, "tpu", *args).count("@tpu_custom_call(") == 1

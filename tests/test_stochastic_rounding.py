@@ -16,6 +16,7 @@ import dataclasses
 import math
 import re
 
+import exporting
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,9 +232,9 @@ def test_kernels_lower_shards_strided_in_their_leaves(platform):
             pallas_amsgrad.Pallas(), leaves, tuple(map(tuple, starts)), shapes
         )
 
-    exported = jax.export.export(jax.jit(group), platforms=[platform])(leaves, starts)
+    module = exporting.export(jax.jit(group), platform, leaves, starts)
     target = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}[platform]
-    launches = exported.mlir_module().count(f"@{target}(")
+    launches = module.count(f"@{target}(")
     assert launches == {"tpu": 1, "cuda": len(SHARDS)}[platform]
 
 
@@ -302,13 +303,9 @@ def test_kernels_lower_with_stochastic_rounding(platform):
             implementation="pallas",
         )
         state = jax.eval_shape(opt.init, params)
-        module = (
-            jax.export.export(jax.jit(opt.step), platforms=[platform])(
-                params, state, params
-            )
-            .mlir_module()
-            .splitlines()
-        )
+        module = exporting.export(
+            jax.jit(opt.step), platform, params, state, params
+        ).splitlines()
         launches.append(
             [
                 len(re.search(rf"@{target}\(([^)]*)\)", line)[1].split(","))

@@ -6,13 +6,15 @@ import contextlib
 import dataclasses
 import io
 import json
+import pathlib
+import subprocess
 
 import numpy as np
 import pytest
 
 import pallas_amsgrad
 from pallas_amsgrad import _math
-from pallas_amsgrad.tools import cli, verify
+from pallas_amsgrad.tools import cli, environment, verify
 
 
 def small_params():
@@ -71,6 +73,28 @@ def test_json_file_beside_the_table(cli_run):
     assert {r["contender"] for r in run["rows"]} == {"pallas", "xla", "optax"}
     for key in ("jax", "jaxlib", "optax", "backend", "devices", "pallas_amsgrad"):
         assert run["environment"][key]
+    # The result names the commit of the package it ran.
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=pathlib.Path(pallas_amsgrad.__file__).parent,
+        capture_output=True,
+        text=True,
+    )
+    if head.returncode == 0:  # A checkout, as in CI's fresh clone.
+        assert run["environment"]["commit"] == head.stdout.strip()
+        assert isinstance(run["environment"]["dirty"], bool)
+        assert f"commit {head.stdout.strip()[:7]}" in out.splitlines()[0]
+
+
+def test_a_tree_copied_without_git_names_the_commit_it_was_given(monkeypatch):
+    monkeypatch.setattr(environment, "_git", lambda *args: None)
+    monkeypatch.setenv(environment.COMMIT_VARIABLE, "0123456789abcdef")
+    env = environment.environment()
+    assert (env["commit"], env["dirty"]) == ("0123456789abcdef", None)
+    assert environment.describe_revision(env) == "commit 0123456"
+    monkeypatch.delenv(environment.COMMIT_VARIABLE)
+    assert environment.environment()["commit"] == "unknown"
+    assert environment.describe_revision({}) == "commit unknown"
 
 
 def test_every_row_compares_values(cli_run):

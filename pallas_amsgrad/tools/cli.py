@@ -89,6 +89,15 @@ def _bench(args, parser) -> int:
                 f"stochastic_rounding = {theirs}; this run {ours}: pass the same "
                 "--dtype/--mu-dtype/--recipe/--nu-dtype/--stochastic-rounding"
             )
+        # Results before the roofline's kind was recorded measured a pass of
+        # the step's own shape.
+        kind = baseline["config"].get("roofline", "step-shaped")
+        if kind != contenders.ROOFLINE_KIND:
+            parser.error(
+                f"{args.compare} measured a {kind} roofline, this version a "
+                f"{contenders.ROOFLINE_KIND} one: fractions of different "
+                "rooflines do not compare; make a new baseline with this version"
+            )
     cases = measure.measure(
         chosen,
         contenders.contenders(with_torch=not args.no_torch),

@@ -35,7 +35,7 @@ import amsgrad_spec as spec
 import pallas_amsgrad
 from pallas_amsgrad import _implementations
 from pallas_amsgrad.tools import composition, ulps, workloads
-from pallas_amsgrad.tools.environment import environment
+from pallas_amsgrad.tools.environment import describe_revision, environment
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 MU_DTYPES = (None, "bfloat16", "float16", "float32")
@@ -587,7 +587,7 @@ def format_header(environment_: dict, inputs_: dict) -> list[str]:
     return [
         f"pallas-amsgrad verify ({grid}) on {environment_['backend']} "
         f"({environment_['devices']}), jax {environment_['jax']}, "
-        f"optax {environment_['optax']}",
+        f"optax {environment_['optax']}, {describe_revision(environment_)}",
         f"params: {inputs_['params']} ({inputs_['leaves']} leaves, "
         f"{inputs_['parameters']} parameters), {inputs_['steps']} steps",
         header,

@@ -1,13 +1,15 @@
 """The contenders of `pallas-amsgrad bench`: each builds a closure that runs
 one optimizer step on a workload and blocks until its outputs are ready.
 
-The roofline is a contender too: a streaming pass over the same leaves that
-reads and writes exactly what a fused step must, with trivial arithmetic.
+The roofline is a contender too: one streaming pass over as many bytes as a
+fused step must read and write, at the device's copy speed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Callable
 
 import jax
@@ -20,6 +22,9 @@ from pallas_amsgrad.tools.workloads import Shapes
 
 LEARNING_RATE = 1e-3
 ROOFLINE = "roofline"
+# What `roofline_pass` runs, recorded in results: ratios to rooflines of
+# different kinds do not compare.
+ROOFLINE_KIND = "copy"
 
 
 def min_bytes_per_param(
@@ -126,6 +131,7 @@ def _inputs(shapes: Shapes, config: Config):
 def _carry_step(fn, donate: bool, shapes, config, optimizer):
     """Runs `fn(grads, state, params) -> (params, state)`, feeding outputs back.
 
+    The closure carries the step's `lower_s` and `compile_s`, timed apart.
     Jitted as a training step, `(params, state, grads) -> (params, state)`:
     jax pairs donated inputs with same-typed outputs in order, so this order
     gives each donated buffer back to its own array. `jit(fn,
@@ -139,30 +145,44 @@ def _carry_step(fn, donate: bool, shapes, config, optimizer):
         return fn(grads, state, params)
 
     jitted = jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+    compiled, seconds = _compile(jitted, params, state, grads)
     carry = [params, state]
 
     def run():
-        carry[0], carry[1] = jitted(carry[0], carry[1], grads)
+        carry[0], carry[1] = compiled(carry[0], carry[1], grads)
         jax.block_until_ready(carry)
 
+    run.lower_s, run.compile_s = seconds
     return run
 
 
-def _ours(config):
-    """This package's optimizer with its default implementation here."""
+def _compile(jitted, *args):
+    """`jitted` compiled for `args`, and the seconds its lowering and XLA's
+    compile took."""
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, (lowered_at - start, time.perf_counter() - lowered_at)
+
+
+def _ours(config, implementation=None):
+    """This package's optimizer, with its default implementation here or the
+    one named."""
     options = RECIPE if config.recipe else {}
     return pallas_amsgrad.amsgrad(
         LEARNING_RATE,
         mu_dtype=config.mu_dtype,
         nu_dtype=config.nu_dtype,
         stochastic_rounding=config.stochastic_rounding,
+        implementation=implementation,
         **options,
     )
 
 
-def _our_step(donate: bool):
+def _our_step(donate: bool, implementation=None):
     def build(shapes, config):
-        opt = _ours(config)
+        opt = _ours(config, implementation)
         return _carry_step(opt.step, donate, shapes, config, opt)
 
     return build
@@ -178,12 +198,14 @@ def _our_update(shapes, config):
     params, grads = _inputs(shapes, config)
     state = jax.jit(opt.init)(params)
     jitted = jax.jit(update_only, donate_argnums=0)
+    compiled, seconds = _compile(jitted, state, grads, params)
     carry = [state]
 
     def run():
-        carry[0], updates = jitted(carry[0], grads, params)
+        carry[0], updates = compiled(carry[0], grads, params)
         jax.block_until_ready((updates, carry[0]))
 
+    run.lower_s, run.compile_s = seconds
     return run
 
 
@@ -201,47 +223,23 @@ def _optax_step(donate: bool):
 
 
 def roofline_pass(shapes, config):
-    """The same leaves and bytes as a fused step, with trivial arithmetic."""
-    params, grads = _inputs(shapes, config)
-    mu_dtype = config.mu_dtype or config.dtype
-    nu_dtype = config.nu_dtype or config.dtype
-    moments = [
-        jax.tree.map(lambda p, d=d: jnp.zeros_like(p, dtype=d), params)
-        for d in (mu_dtype, nu_dtype, nu_dtype)
-    ]
+    """A pass at the device's copy speed over as many bytes as a fused step
+    moves: one donated buffer, each 32-bit word read and written once (+1).
 
-    def stream(params, moments, grads):
-        if config.recipe:  # One more read of the gradients, for their norm.
-            norm = sum(
-                jnp.sum(jnp.square(g.astype(jnp.float32)))
-                for g in jax.tree.leaves(grads)
-            )
-            grads = jax.tree.map(lambda g: g * norm.astype(g.dtype), grads)
-
-        def leaf(g, p, m, n, v):
-            return (
-                p + g,
-                m + g.astype(m.dtype),
-                n + g.astype(n.dtype),
-                jnp.maximum(v, g.astype(v.dtype)),
-            )
-
-        out = jax.tree.map(leaf, grads, params, *moments)
-        new_params, *new_moments = (
-            jax.tree.map(
-                lambda o, i=i: o[i], out, is_leaf=lambda x: isinstance(x, tuple)
-            )
-            for i in range(4)
-        )
-        return new_params, new_moments
-
-    jitted = jax.jit(stream, donate_argnums=(0, 1))
-    carry = [params, moments]
+    A single streaming array op is what every backend runs fastest; the step's
+    own shape (five arrays per leaf, four outputs) is not, since XLA may split
+    it into a kernel per output and read the gradients again for each.
+    """
+    parameters = sum(math.prod(s) for s in shapes.values())
+    words = max(1, parameters * config.min_bytes_per_param("step") // 8)
+    copy = jax.jit(lambda buffer: buffer + jnp.uint32(1), donate_argnums=0)
+    carry = [jnp.zeros((words,), jnp.uint32)]
 
     def run():
-        carry[0], carry[1] = jitted(carry[0], carry[1], grads)
-        jax.block_until_ready(carry)
+        carry[0] = copy(carry[0])
+        carry[0].block_until_ready()
 
+    run.bytes_moved = 8 * words
     return run
 
 
@@ -319,12 +317,32 @@ def _torch_fused(shapes, config):
     return run
 
 
+def implementations_here(device=None) -> list[str]:
+    """The implementations `bench` times on `device` (jax's first): the
+    default there first, then the other where the kernel compiles (TPU,
+    Hopper GPUs); on other backends the kernel would run interpreted."""
+    device = device or jax.devices()[0]
+    default = _implementations.implementation_for(device).name
+    target = _implementations.Target.of(device)
+    compiles = target.platform in ("tpu", "cuda") and (
+        target.cannot_compile_kernel() is None
+    )
+    others = [n for n in _implementations.IMPLEMENTATIONS if n != default]
+    return [default, *(others if compiles else [])]
+
+
 def contenders(with_torch: bool) -> list[Contender]:
-    """The roofline first, then this package, optax and (optionally) torch."""
-    ours = _implementations.implementation_for(jax.devices()[0]).name
+    """The roofline first, then this package (its default implementation,
+    then, donated, any other that compiles here), optax and (optionally)
+    torch."""
+    ours, *others = implementations_here()
     chosen = [
         Contender(ROOFLINE, "step", roofline_pass),
         Contender(f"step [{ours}] donated", "step", _our_step(True)),
+        *(
+            Contender(f"step [{name}] donated", "step", _our_step(True, name))
+            for name in others
+        ),
         Contender(f"step [{ours}]", "step", _our_step(False)),
         Contender(f"update [{ours}] donated", "update", _our_update),
         Contender("optax+apply donated", "step", _optax_step(True)),

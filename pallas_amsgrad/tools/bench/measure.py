@@ -19,6 +19,9 @@ import sys
 import time
 from collections.abc import Callable
 
+import jax
+
+from pallas_amsgrad.tools.bench import peaks
 from pallas_amsgrad.tools.bench.contenders import (
     ROOFLINE,
     Config,
@@ -42,6 +45,9 @@ class Case:
     gb_per_s: float
     of_roofline: float  # Effective bandwidth over the same run's roofline.
     roofline_median_s: float  # The roofline calls alternated with this case's.
+    of_peak: float = math.nan  # Effective bandwidth over the device's peak.
+    lower_s: float = math.nan  # jit's trace and lowering, for jax contenders.
+    compile_s: float = math.nan  # XLA's compile of the lowered step.
     note: str = ""
 
 
@@ -79,6 +85,7 @@ def measure(
     case is reported on `progress` as it finishes, with the elapsed time.
     """
     cases = []
+    peak = peaks.peak_gb_per_s(jax.devices()[0].device_kind)
     start = time.perf_counter()
     total = len(workloads_) * len(contenders_)
     step_bytes = config.min_bytes_per_param("step")
@@ -89,7 +96,7 @@ def measure(
         for c, contender in enumerate(contenders_):
             job = contender.job
             bytes_per_param = config.min_bytes_per_param(job)
-            note, times, roofline_times = "", [], []
+            note, times, roofline_times, run = "", [], [], None
             try:
                 if contender.name == ROOFLINE:  # The reference: 1 by definition.
                     times = [_seconds(roofline) for _ in range(rounds)]
@@ -99,6 +106,8 @@ def measure(
                     times, roofline_times = _time_beside(run, roofline, rounds)
             except Exception as error:  # A peer that cannot run this case.
                 note = f"skipped: {type(error).__name__}: {error}".splitlines()[0]
+            lower_s = getattr(run, "lower_s", math.nan)
+            compile_s = getattr(run, "compile_s", math.nan)
             run = None
             gc.collect()
             median = statistics.median(times) if times else math.nan
@@ -121,6 +130,9 @@ def measure(
                 roofline_median_s=(
                     statistics.median(roofline_times) if roofline_times else math.nan
                 ),
+                of_peak=_gbps(bytes_per_param, parameters, median) / peak,
+                lower_s=lower_s,
+                compile_s=compile_s,
                 note=note,
             )
             cases.append(case)
@@ -129,7 +141,8 @@ def measure(
                 print(
                     f"[{done:>{len(str(total))}}/{total}] {workload:<12} "
                     f"{contender.name:<28} {format_ms(case.median_s)} "
-                    f"{case.of_roofline:>6.0%} of roofline; "
+                    f"{case.of_roofline:>6.0%} of roofline"
+                    f"{'' if peak != peak else f', {case.of_peak:.0%} of peak'}; "
                     f"{time.perf_counter() - start:.0f} s elapsed {case.note}".rstrip(),
                     file=progress,
                     flush=True,

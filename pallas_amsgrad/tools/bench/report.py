@@ -4,20 +4,29 @@ comparison with a baseline run."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
+
+from pallas_amsgrad.tools.bench import peaks
 from pallas_amsgrad.tools.bench.contenders import (
     LEARNING_RATE,
     ROOFLINE,
+    ROOFLINE_KIND,
     Config,
 )
 from pallas_amsgrad.tools.bench.measure import Case, format_ms
-from pallas_amsgrad.tools.environment import environment
+from pallas_amsgrad.tools.environment import describe_revision, environment
 
 
 def report(cases: list[Case], config: Config, rounds: int) -> dict:
+    device_kind = jax.devices()[0].device_kind
     return {
         "environment": environment(),
         "config": {
+            "device_kind": device_kind,
+            "peak_gb_per_s": peaks.peak_gb_per_s(device_kind),
+            "roofline": ROOFLINE_KIND,
             "dtype": config.dtype,
             "mu_dtype": config.mu_dtype,
             "nu_dtype": config.nu_dtype,
@@ -27,7 +36,10 @@ def report(cases: list[Case], config: Config, rounds: int) -> dict:
             "learning_rate": LEARNING_RATE,
             "timing": "median of `rounds` calls after one warm-up call; each call "
             "alternates with a roofline call, and of_roofline is the median of "
-            "the per-round ratios",
+            "the per-round ratios; of_peak is the median's bandwidth over the "
+            "device's peak (nan where the table has no peak for it); lower_s "
+            "and compile_s time a jitted contender's jax lowering and XLA "
+            "compile",
             "bytes_per_param": {
                 job: config.min_bytes_per_param(job)
                 for job in ("step", "update", "update+apply")
@@ -55,11 +67,13 @@ def format_table(run: dict) -> str:
     env, config = run["environment"], run["config"]
     header = (
         f"{'workload':<12} {'params':>7} {'leaves':>6}  {'contender':<28} "
-        f"{'median':>12} {'GB/s':>7} {'of roofline':>11}"
+        f"{'median':>12} {'GB/s':>7} {'of roofline':>11} {'of peak':>7} "
+        f"{'compile':>8}"
     )
     lines = [
         f"pallas-amsgrad bench on {env['backend']} ({env['devices']}; {env['cpu']}), "
-        f"jax {env['jax']}, optax {env['optax']}, torch {env['torch']}",
+        f"jax {env['jax']}, optax {env['optax']}, torch {env['torch']}, "
+        f"{describe_revision(env)}",
         f"params {config['dtype']}, mu_dtype {config['mu_dtype'] or 'param'}"
         f"{_nu_dtype(config)}"
         f"{', recipe (clip, decay, skips)' if config.get('recipe') else ''}; "
@@ -72,9 +86,21 @@ def format_table(run: dict) -> str:
         lines.append(
             f"{c['workload']:<12} {_millions(c['parameters']):>7} {c['leaves']:>6}  "
             f"{c['contender']:<28} {format_ms(c['median_s'])} {c['gb_per_s']:>7.2f} "
-            f"{c['of_roofline']:>10.0%}  {c['note']}".rstrip()
+            f"{c['of_roofline']:>10.0%} {_percent(c.get('of_peak', math.nan)):>7} "
+            f"{_seconds(c.get('lower_s', math.nan), c.get('compile_s', math.nan))} "
+            f" {c['note']}".rstrip()
         )
     return "\n".join(lines)
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction:.0%}" if fraction == fraction else "-"
+
+
+def _seconds(lower_s: float, compile_s: float) -> str:
+    """Lowering plus compile, or "-" for a contender jax does not compile."""
+    total = lower_s + compile_s
+    return f"{total:7.2f}s" if total == total else f"{'-':>8}"
 
 
 def _millions(n: int) -> str:
