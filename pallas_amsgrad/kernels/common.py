@@ -53,8 +53,12 @@ class BlockSizes:  # pragma: no mutate block
         """Defaults per target, each fitting its on-chip memory for any dtypes.
 
         tpu: 1024 x 128 (512 KiB per float32 array; 9 MiB double-buffered).
-        cuda: 16 x 128 (8 KiB per float32 array; 72 KiB of the 227 KiB of
-          shared memory, so three blocks fit on one SM).
+        cuda: 16 x 128 (8 KiB per float32 array, 72 KiB for all nine): the
+          pipelined kernel holds as many blocks of each array as fit the 227
+          KiB of shared memory, up to `gpu.MAX_STAGES` (3 of nine float32
+          arrays, 4 of 16-bit ones), to keep copies in flight while it
+          computes; the per-block kernel one of each, three CUDA blocks to
+          an SM.
         anything else runs Pallas' interpreter, whose cost grows with grid
           steps times array size: one block per leaf up to 8M elements.
         """
@@ -67,7 +71,8 @@ def on_chip_bytes(
 ) -> int:  # pragma: no mutate block
     """On-chip bytes the kernel's blocks take on `platform` (all in/out blocks)."""
     per_row = LANES * sum(jnp.dtype(d).itemsize for d in dtypes)
-    # Mosaic TPU double-buffers every block; Mosaic GPU holds one of each.
+    # Mosaic TPU double-buffers every block. On GPU this is one stage: the
+    # pipelined kernel takes as many as fit (`gpu.ring_stages`), at least one.
     buffers = 2 if platform == "tpu" else 1
     return buffers * block_rows * per_row
 

@@ -1,15 +1,27 @@
 """The GPU step: a kernel launch per leaf, in place.
 
 A Mosaic GPU kernel takes `LEAVES_PER_LAUNCH` leaves of a dtype group, left
-in GMEM: its grid has one CUDA block per (block_rows, 128) block of every
-leaf, and each CUDA block finds its leaf from its index, copies its block in
-by TMA, runs `common.amsgrad_kernel` and copies the results out. The leaves written in
-place are passed as `jax.Ref`s, which `pl.kernel` aliases to its outputs.
+in GMEM, cut into (block_rows, 128) blocks (`segments`: each leaf's whole
+blocks, then any tail). Two kernels walk them:
+
+- pipelined (`PIPELINED`, the default): a persistent grid of about one CUDA
+  block per SM (`persistent_ctas`); CUDA block `b` takes every block `g` of
+  the plan with `g % grid == b`, segment by segment, through a ring of up to
+  `MAX_STAGES` stages in SMEM (`_ring`): TMA copies of the next blocks are in
+  flight while it runs `common.amsgrad_kernel` on one and copies the results
+  of the ones before out.
+- per block: one CUDA block per block of every leaf, each copying its block
+  in by TMA, running the body and copying the results out, with no overlap
+  inside a CUDA block (kept for comparison).
+
+The leaves written in place are passed as `jax.Ref`s, which `pl.kernel`
+aliases to its outputs.
 
 Layers read top-down: `amsgrad_gpu_group` (launches) -> `_launch` (views,
-refs, `pl.kernel`) ->
-`_group_kernel` (SMEM buffers) -> `_blocks_of_height` (one branch per block
-height: TMA in from the block's leaf, the body, TMA out).
+refs, `pl.kernel`) -> `_pipelined_kernel` (a `_ring` per segment: SMEM slots,
+TMA in, the body, TMA out) or `_group_kernel` (SMEM buffers) ->
+`_blocks_of_height` (one branch per block height: TMA in from the block's
+leaf, the body, TMA out).
 """
 
 from __future__ import annotations
@@ -37,6 +49,17 @@ WARPGROUP_THREADS = 128
 # leaves compiled in 0.3 s, 7.9 s and 29 s, so a launch per leaf compiles a
 # tree fastest (benchmarks/results/h200-061bb4c/compile_probe.log).
 LEAVES_PER_LAUNCH = 1
+# The kernel: the pipelined one (True) or one CUDA block per block (False).
+PIPELINED = True
+# Most stages of the pipelined kernel's ring: it takes as many as fit
+# `common.GPU_SMEM_BYTES` up to this (3 for 16 rows of nine float32 arrays).
+MAX_STAGES = 4
+# CUDA blocks of the pipelined kernel's grid: None, one per SM of the local
+# GPU (`DEFAULT_SMS` where there is none, e.g. exporting from a CPU host).
+# Each takes nearly all of an SM's shared memory, so one runs per SM: more
+# CUDA blocks than SMs would run in a second wave.
+PERSISTENT_CTAS: int | None = None
+DEFAULT_SMS = 132  # H100 SXM, H200.
 # jax 0.10's `plgpu.load(ref, idx)` needs the index; from 0.11 an index is
 # deprecated (the ref is indexed instead) and may go.
 _LOAD_INDEX = inspect.signature(plgpu.load).parameters.get("idx")
@@ -166,6 +189,8 @@ def _launch(
         if j not in output_of_input
     ]
     plan = segments([leaf[0].shape[0] for leaf in views], block_rows)
+    blocks = sum(s.blocks for s in plan)
+    grid = min(blocks, persistent_ctas()) if PIPELINED else blocks
 
     def kernel(coefficients_ref, *operand_refs):
         table_ref = None
@@ -177,13 +202,7 @@ def _launch(
             in_refs[output_of_input[j]] if j in output_of_input else next(fresh)
             for j in range(per_leaf_out * len(views))
         ]
-        _group_kernel(
-            coefficients_ref,
-            table_ref,
-            in_refs,
-            out_refs,
-            plan=plan,
-            block_rows=min(block_rows, max(leaf[0].shape[0] for leaf in views)),
+        options = dict(
             per_leaf=(per_leaf_in, per_leaf_out),
             operands=operands,
             shard_runs=shard_runs,
@@ -192,11 +211,31 @@ def _launch(
             # move a byte: the aliased buffers hold what it would write.
             skippable=operands.terms.skip and not new_outputs,
         )
+        if PIPELINED:
+            _pipelined_kernel(
+                coefficients_ref,
+                table_ref,
+                in_refs,
+                out_refs,
+                plan=plan,
+                grid=grid,
+                **options,
+            )
+        else:
+            _group_kernel(
+                coefficients_ref,
+                table_ref,
+                in_refs,
+                out_refs,
+                plan=plan,
+                block_rows=min(block_rows, max(leaf[0].shape[0] for leaf in views)),
+                **options,
+            )
 
     outputs = pl.kernel(
         kernel,
         out_type=new_outputs,
-        mesh=plgpu.Mesh(grid=(sum(s.blocks for s in plan),), grid_names=(GRID_AXIS,)),
+        mesh=plgpu.Mesh(grid=(grid,), grid_names=(GRID_AXIS,)),
         # Lane semantics: per-thread loads in a strided layout (`_load`). jax
         # 0.11 made Warpgroup the default; 0.10 defaulted to Lane.
         compiler_params=plgpu.CompilerParams(
@@ -226,6 +265,163 @@ def _launch(
     ]
 
 
+def persistent_ctas() -> int:
+    """CUDA blocks of the pipelined kernel's grid (`PERSISTENT_CTAS`)."""
+    if PERSISTENT_CTAS is not None:
+        return PERSISTENT_CTAS
+    for device in jax.local_devices():
+        if device.platform == "gpu":
+            return getattr(device, "core_count", DEFAULT_SMS)
+    return DEFAULT_SMS
+
+
+def ring_stages(block_rows: int, dtypes: Sequence[jnp.dtype]) -> int:
+    """The pipelined kernel's ring stages for blocks of `block_rows` rows of
+    arrays of `dtypes` (every input and output): as many as fit shared
+    memory, up to `MAX_STAGES`, at least one."""
+    per_stage = common.on_chip_bytes(block_rows, dtypes, "cuda")
+    return max(1, min(MAX_STAGES, common.GPU_SMEM_BYTES // per_stage))
+
+
+def share(segment: Segment, cta, grid: int):
+    """(first, steps): the first of the segment's blocks that CUDA block
+    `cta` (an int, or traced) of the pipelined kernel's `grid` takes, and how
+    many: blocks `first`, `first + grid`, ... (the plan's blocks `g` with
+    `g % grid == cta`)."""
+    first = jax.lax.rem(cta + (grid - segment.first_block % grid), grid)
+    return first, jax.lax.div(segment.blocks - first + (grid - 1), grid)
+
+
+def _pipelined_kernel(
+    coefficients_ref,
+    table_ref,
+    in_refs,
+    out_refs,
+    *,
+    plan,
+    grid,
+    per_leaf,
+    operands,
+    shard_runs,
+    interpret,
+    skippable,
+):
+    """CUDA block `b` of `grid` runs the blocks `g` of the plan with
+    `g % grid == b`: a `_ring` per segment, in turn (none, if `skippable`,
+    on a step the finite guard rejects). Where the group rounds
+    stochastically, `table_ref` holds the leaves' stream keys and bases and
+    `shard_runs` places each leaf in its whole leaf."""
+    per_leaf_in, per_leaf_out = per_leaf
+    cta = jax.lax.axis_index(GRID_AXIS)
+    body = _body(coefficients_ref, operands, interpret)
+    dtypes = [r.dtype for r in in_refs[:per_leaf_in]] + [
+        r.dtype for r in out_refs[:per_leaf_out]
+    ]
+
+    def run():
+        for segment in plan:
+            k = segment.leaf
+            streams = None
+            if table_ref is not None:
+                keys, base = common.table_row(table_ref, k)
+                layout = (
+                    None
+                    if interpret
+                    else functools.partial(_strided, (segment.rows, common.LANES))
+                )
+                streams = (keys, base, shard_runs[k], layout)
+            first, steps = share(segment, cta, grid)
+            _ring(
+                in_refs[per_leaf_in * k : per_leaf_in * (k + 1)],
+                out_refs[per_leaf_out * k : per_leaf_out * (k + 1)],
+                segment,
+                first=first,
+                steps=steps,
+                stride=grid,
+                stages=min(
+                    ring_stages(segment.rows, dtypes), -(-segment.blocks // grid)
+                ),
+                body=body,
+                streams=streams,
+            )
+
+    if skippable:
+        accept = coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
+        pl.when(accept)(run)
+    else:
+        run()
+
+
+def _ring(ins, outs, segment, *, first, steps, stride, stages, body, streams):
+    """Blocks `first`, `first + stride`, ... (`steps` of them) of `segment`,
+    of one leaf's `ins` and `outs`, through `stages` SMEM slots of each.
+
+    Iteration `i` copies block `i` in (slot `i % stages`, its own barrier,
+    which every input's copy arrives at) and computes block
+    `i - (stages - 1)`: the `stages - 1` blocks after the one computed are
+    in flight. Before the body writes a slot's outputs, the copies out of that
+    slot `stages` blocks before have read it. One copy site per array, so
+    Mosaic GPU compiles as many TMA copies as the per-block kernel. With
+    `streams` (the leaf's keys, base, shard runs and iota layout), the body
+    rounds stochastically.
+    """
+    rows = segment.rows
+
+    def window(step):
+        block = first + step * stride
+        return segment.row_start + block * rows
+
+    def scoped(in_slots, out_slots, barriers):
+        def fetch(step):
+            slot = jax.lax.rem(step, stages)
+            here = pl.ds(window(step), rows)
+            for ref, buf in zip(ins, in_slots, strict=True):
+                plgpu.copy_gmem_to_smem(ref.at[here], buf.at[slot], barriers.at[slot])
+
+        def compute(step):
+            slot = jax.lax.rem(step, stages)
+            first_row = window(step)
+            plgpu.barrier_wait(barriers.at[slot])
+            # The copies out of this slot `stages` blocks before are done
+            # reading it: at most the `stages - 1` since are in flight.
+            plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+            rounding = {}
+            if streams is not None:
+                keys, base, runs, layout = streams
+                rounding = dict(
+                    keys=keys,
+                    index=lambda: common.rows_index(
+                        base, first_row, (rows, common.LANES), runs, layout
+                    ),
+                )
+            body(
+                *(buf.at[slot] for buf in in_slots),
+                *(buf.at[slot] for buf in out_slots),
+                **rounding,
+            )
+            plgpu.commit_smem()
+            here = pl.ds(first_row, rows)
+            for buf, ref in zip(out_slots, outs, strict=True):
+                plgpu.copy_smem_to_gmem(buf.at[slot], ref.at[here], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+
+        def iteration(i, carry):
+            pl.when(i < steps)(lambda: fetch(i))
+            pl.when(i >= stages - 1)(lambda: compute(i - (stages - 1)))
+            return carry
+
+        jax.lax.fori_loop(0, steps + (stages - 1), iteration, 0)
+        plgpu.wait_smem_to_gmem(0)
+
+    lanes = common.LANES
+    pl.run_scoped(
+        scoped,
+        [plgpu.SMEM((stages, rows, lanes), r.dtype) for r in ins],
+        [plgpu.SMEM((stages, rows, lanes), r.dtype) for r in outs],
+        plgpu.Barrier(num_arrivals=len(ins), num_barriers=stages),
+    )
+
+
 def _group_kernel(
     coefficients_ref,
     table_ref,
@@ -249,14 +445,7 @@ def _group_kernel(
     active = True
     if skippable:
         active = coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
-    body = functools.partial(
-        common.amsgrad_kernel,
-        coefficients_ref,
-        operands=operands,
-        # jax 0.10's Mosaic GPU interpreter has no `plgpu.load`.
-        load=common.load if interpret else _load,
-        sqrt=_math.sqrt_via_rsqrt,
-    )
+    body = _body(coefficients_ref, operands, interpret)
 
     def leaf_refs(k):
         return (
@@ -388,6 +577,18 @@ def _copy_out_if(condition, buffers, outputs, rows):
     def _():
         for buf, ref in zip(buffers, outputs, strict=True):
             plgpu.copy_smem_to_gmem(buf, ref.at[rows])
+
+
+def _body(coefficients_ref, operands, interpret):
+    """`common.amsgrad_kernel` on a block's SMEM buffers."""
+    return functools.partial(
+        common.amsgrad_kernel,
+        coefficients_ref,
+        operands=operands,
+        # jax 0.10's Mosaic GPU interpreter has no `plgpu.load`.
+        load=common.load if interpret else _load,
+        sqrt=_math.sqrt_via_rsqrt,
+    )
 
 
 def _load(ref):
