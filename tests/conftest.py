@@ -4,6 +4,7 @@ Select with HYPOTHESIS_PROFILE=dev; CI uses `ci`, mutmut `mutation`.
 """
 
 import importlib
+import itertools
 import os
 import pathlib
 import sys
@@ -60,6 +61,27 @@ def pytest_ignore_collect(collection_path, config):
             "XLA_FLAGS", ""
         )
     return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, each worker's share of the suite starts with its share
+    of the slow tests. The worksteal scheduler hands each worker a
+    contiguous range of the collection (the first `n // workers` to the
+    first) and steals from the end of a range: a slow test late in its range
+    would run alone at the end of the run while the other workers idle."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    fast = iter([item for item in items if not item.get_closest_marker("slow")])
+    ordered, remaining = [], len(items)
+    for worker in range(workers):
+        size = remaining // (workers - worker)
+        share = slow[worker::workers]
+        share += itertools.islice(fast, max(0, size - len(share)))
+        ordered += share
+        remaining -= len(share)
+    items[:] = ordered + list(fast)
 
 
 settings.register_profile(

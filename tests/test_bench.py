@@ -50,6 +50,7 @@ def test_min_bytes_per_param_with_16_bit_nu(mu_dtype, job, expected):
     assert config.min_bytes_per_param(job) == expected
 
 
+@pytest.mark.slow
 def test_bench_with_16_bit_nu_runs_every_contender(tmp_path, capsys):
     """--nu-dtype narrows this package's state and --stochastic-rounding
     rounds its 16-bit stores so; optax and torch, which have neither option,
@@ -164,6 +165,7 @@ def test_compare_skips_cases_missing_or_not_measured():
     assert any(line.startswith("not run") and "optax" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_bench_command_writes_table_json_png_and_compares(tmp_path, capsys):
     out = tmp_path / "run.json"
     png = tmp_path / "run.png"

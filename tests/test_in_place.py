@@ -57,9 +57,7 @@ def _export(platform, dtype, mu_dtype, **options):
 
 
 def _custom_calls(module, platform):
-    return [
-        line for line in module.splitlines() if f"@{CUSTOM_CALLS[platform]}(" in line
-    ]
+    return exporting.launches(module, CUSTOM_CALLS[platform])
 
 
 # Minimum bytes per parameter of a fused step (docs/bench.md's table): read

@@ -71,7 +71,7 @@ def _lowering_semantics(fn_name, dtype, mu_dtype) -> set[str]:
 
 
 def _custom_calls(module: str, target: str) -> list[str]:
-    return [line for line in module.splitlines() if f"custom_call @{target}(" in line]
+    return exporting.launches(module, target)
 
 
 def _aliases(call: str) -> dict[int, int]:
@@ -195,4 +195,23 @@ def test_tpu_export_names_the_tpu_that_jax_0_11_2_lowering_reads(monkeypatch):
     step = jax.jit(opt.step)
     with pytest.raises(ValueError, match="Unsupported TPU device kind: cpu"):
         jax.export.export(step, platforms=["tpu"])(*args)
-    assert exporting.export(step, "tpu", *args).count("@tpu_custom_call(") == 1
+    assert (
+        len(_custom_calls(exporting.export(step, "tpu", *args), "tpu_custom_call")) == 1
+    )
+
+
+def test_gpu_kernels_of_leaves_alike_are_lowered_and_compiled_once():
+    """A launch per leaf, but each distinct (shape, dtypes) traced and
+    lowered once, and one Mosaic GPU module (kernel hash) per distinct leaf,
+    which Mosaic GPU compiles once: a step's compile time grows with a
+    model's distinct leaves, not its leaves."""
+    shapes = [(8, 128)] * 6 + [(16, 128)] * 3 + [(300,)]
+    params = [jax.ShapeDtypeStruct(s, "float32") for s in shapes]
+    opt = pallas_amsgrad.amsgrad(1e-3, implementation="pallas")
+    module = exporting.export(
+        jax.jit(opt.step), "cuda", params, jax.eval_shape(opt.init, params), params
+    )
+    launched = _custom_calls(module, CUSTOM_CALLS["cuda"])
+    assert len(launched) == len(shapes)
+    assert len(set(re.findall(r'kernel_hash = "([^"]*)"', module))) == 3
+    assert module.count("@mosaic_gpu_v2(") == 3  # Lowered once each.

@@ -10,6 +10,7 @@ compiler parameters; results are checked against the spec.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,14 @@ def test_tpu_kernel_on_a_multi_block_tree():
         )
 
 
+def _warning_on_races(params):
+    """`params` recording races rather than raising on the first (jax 0.12's
+    default, `on_race="raise"`; older jax records them)."""
+    if "on_race" in {field.name for field in dataclasses.fields(params)}:
+        return dataclasses.replace(params, on_race="warn")
+    return params
+
+
 def test_race_detector_sees_a_racy_kernel():
     """The harness fails on races: two cores writing one block are caught."""
 
@@ -122,7 +131,7 @@ def test_race_detector_sees_a_racy_kernel():
         out_specs=pl.BlockSpec((16, 128), lambda i: (0, 0)),  # Shared by both.
         out_shape=jax.ShapeDtypeStruct((16, 128), jnp.float32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        interpret=tpu_interpreted(16).interpret_params,
+        interpret=_warning_on_races(tpu_interpreted(16).interpret_params),
     )
     pltpu.reset_tpu_interpret_mode_state()
     jax.block_until_ready(racy_call(jnp.zeros((32, 128), jnp.float32)))

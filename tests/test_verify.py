@@ -105,6 +105,7 @@ def test_every_row_compares_values(cli_run):
         assert row["passed"], row
 
 
+@pytest.mark.slow
 def test_full_grid_fails_a_wrong_contender_streaming_rows_in_order(monkeypatch, capsys):
     """`--full` runs every configuration; a contender with a wrong b1 fails
     every one of its rows (optax's pass) and the command exits 1. Each row is

@@ -60,6 +60,22 @@ MAX_STAGES = 4
 # CUDA blocks than SMs would run in a second wave.
 PERSISTENT_CTAS: int | None = None
 DEFAULT_SMS = 132  # H100 SXM, H200.
+
+
+class Schedule(NamedTuple):
+    """How launches run, read from the module's settings once per group:
+    `pipelined` (`PIPELINED`), the persistent grid's CUDA blocks (`ctas`) and
+    the most stages of a ring (`max_stages`)."""
+
+    pipelined: bool
+    ctas: int
+    max_stages: int
+
+    @classmethod
+    def current(cls) -> Schedule:
+        return cls(PIPELINED, persistent_ctas(), MAX_STAGES)
+
+
 # jax 0.10's `plgpu.load(ref, idx)` needs the index; from 0.11 an index is
 # deprecated (the ref is indexed instead) and may go.
 _LOAD_INDEX = inspect.signature(plgpu.load).parameters.get("idx")
@@ -124,13 +140,14 @@ def amsgrad_gpu_group(
     Returns:
       Per leaf, its outputs in the leaf's shape.
     """
+    schedule = Schedule.current()
     return [
         leaf_outputs
         for start in range(0, len(leaves), LEAVES_PER_LAUNCH)
         for leaf_outputs in _launch(
             coefficients,
-            leaves[start : start + LEAVES_PER_LAUNCH],
-            out_dtypes=out_dtypes,
+            [tuple(leaf) for leaf in leaves[start : start + LEAVES_PER_LAUNCH]],
+            out_dtypes=tuple(out_dtypes),
             block_rows=block_rows,
             operands=operands,
             table=None
@@ -141,19 +158,35 @@ def amsgrad_gpu_group(
             ],
             shard_runs=None
             if whole_shapes is None
-            else [
+            else tuple(
                 _rounding.runs(leaf[0].shape, whole)
                 for leaf, whole in zip(
                     leaves[start : start + LEAVES_PER_LAUNCH],
                     whole_shapes[start : start + LEAVES_PER_LAUNCH],
                     strict=True,
                 )
-            ],
+            ),
             interpret=interpret,
+            schedule=schedule,
         )
     ]
 
 
+# A jit per launch: leaves of one shape and dtypes are traced and lowered
+# once, as one function called per leaf (tracing and lowering Mosaic GPU
+# kernels is most of a step's lowering time), and compile to one kernel
+# (Mosaic GPU caches kernels by the hash of their module).
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "out_dtypes",
+        "block_rows",
+        "operands",
+        "shard_runs",
+        "interpret",
+        "schedule",
+    ),
+)
 def _launch(
     coefficients,
     leaves,
@@ -164,6 +197,7 @@ def _launch(
     table,
     shard_runs,
     interpret,
+    schedule,
 ):
     """One Mosaic GPU kernel for the leaves; see `amsgrad_gpu_group`.
     `shard_runs` places each leaf in its whole leaf (`_rounding.runs`) where
@@ -175,6 +209,10 @@ def _launch(
     per_leaf_in, per_leaf_out = len(views[0]), len(out_dtypes)
     # {flat input: flat output} of the arrays written back in place.
     aliases = {} if interpret else common.group_aliases(views, out_dtypes, operands)
+    # Inside a caller's `shard_map` that checks how values vary, from jax
+    # 0.11.2 a Mosaic GPU kernel takes no `jax.Ref` of an array that varies
+    # over its manual axes: those outputs are new buffers.
+    aliases = {i: o for i, o in aliases.items() if not _varies(inputs[i])}
     in_place = {
         i: jax.new_ref(inputs[i]) for i in aliases
     }  # `pl.kernel` aliases these.
@@ -190,7 +228,7 @@ def _launch(
     ]
     plan = segments([leaf[0].shape[0] for leaf in views], block_rows)
     blocks = sum(s.blocks for s in plan)
-    grid = min(blocks, persistent_ctas()) if PIPELINED else blocks
+    grid = min(blocks, schedule.ctas) if schedule.pipelined else blocks
 
     def kernel(coefficients_ref, *operand_refs):
         table_ref = None
@@ -211,7 +249,7 @@ def _launch(
             # move a byte: the aliased buffers hold what it would write.
             skippable=operands.terms.skip and not new_outputs,
         )
-        if PIPELINED:
+        if schedule.pipelined:
             _pipelined_kernel(
                 coefficients_ref,
                 table_ref,
@@ -219,6 +257,7 @@ def _launch(
                 out_refs,
                 plan=plan,
                 grid=grid,
+                max_stages=schedule.max_stages,
                 **options,
             )
         else:
@@ -265,6 +304,11 @@ def _launch(
     ]
 
 
+def _varies(x) -> bool:
+    """Whether `x` varies over the manual mesh axes of a `shard_map`."""
+    return bool(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()))
+
+
 def persistent_ctas() -> int:
     """CUDA blocks of the pipelined kernel's grid (`PERSISTENT_CTAS`)."""
     if PERSISTENT_CTAS is not None:
@@ -275,12 +319,15 @@ def persistent_ctas() -> int:
     return DEFAULT_SMS
 
 
-def ring_stages(block_rows: int, dtypes: Sequence[jnp.dtype]) -> int:
+def ring_stages(
+    block_rows: int, dtypes: Sequence[jnp.dtype], max_stages: int | None = None
+) -> int:
     """The pipelined kernel's ring stages for blocks of `block_rows` rows of
     arrays of `dtypes` (every input and output): as many as fit shared
-    memory, up to `MAX_STAGES`, at least one."""
+    memory, up to `max_stages` (`MAX_STAGES`), at least one."""
     per_stage = common.on_chip_bytes(block_rows, dtypes, "cuda")
-    return max(1, min(MAX_STAGES, common.GPU_SMEM_BYTES // per_stage))
+    limit = MAX_STAGES if max_stages is None else max_stages
+    return max(1, min(limit, common.GPU_SMEM_BYTES // per_stage))
 
 
 def share(segment: Segment, cta, grid: int):
@@ -288,8 +335,16 @@ def share(segment: Segment, cta, grid: int):
     `cta` (an int, or traced) of the pipelined kernel's `grid` takes, and how
     many: blocks `first`, `first + grid`, ... (the plan's blocks `g` with
     `g % grid == cta`)."""
-    first = jax.lax.rem(cta + (grid - segment.first_block % grid), grid)
-    return first, jax.lax.div(segment.blocks - first + (grid - 1), grid)
+    cta = jnp.asarray(cta)
+
+    def constant(value):  # lax's integer ops take one width (int32 under x64).
+        return jnp.asarray(value, cta.dtype)
+
+    first = jax.lax.rem(
+        cta + constant(grid - segment.first_block % grid), constant(grid)
+    )
+    steps = jax.lax.div(constant(segment.blocks + grid - 1) - first, constant(grid))
+    return first, steps
 
 
 def _pipelined_kernel(
@@ -300,6 +355,7 @@ def _pipelined_kernel(
     *,
     plan,
     grid,
+    max_stages,
     per_leaf,
     operands,
     shard_runs,
@@ -339,7 +395,8 @@ def _pipelined_kernel(
                 steps=steps,
                 stride=grid,
                 stages=min(
-                    ring_stages(segment.rows, dtypes), -(-segment.blocks // grid)
+                    ring_stages(segment.rows, dtypes, max_stages),
+                    -(-segment.blocks // grid),
                 ),
                 body=body,
                 streams=streams,

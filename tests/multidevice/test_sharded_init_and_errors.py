@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import exporting
 import jax
 import jax.numpy as jnp
 import leaf_tables
@@ -142,7 +143,7 @@ def test_mesh_mixing_explicit_and_auto_axes_is_refused():
             jax.jit(opt.step).trace(params, state, params)
 
 
-def _users_shard_map(opt, state, check_vma):
+def _users_shard_map(opt, state, check_vma, mesh=None):
     spec = {"a": P("data"), "b": P("data"), "r": P()}
     state_specs = (
         state[0]._replace(count=P(), mu=spec, nu=spec, nu_max=spec),
@@ -151,7 +152,7 @@ def _users_shard_map(opt, state, check_vma):
     return jax.jit(
         jax.shard_map(
             opt.step,
-            mesh=sharded.make_mesh("1d", AxisType.Auto),
+            mesh=mesh or sharded.make_mesh("1d", AxisType.Auto),
             in_specs=(spec, state_specs, spec),
             out_specs=(spec, state_specs),
             check_vma=check_vma,
@@ -196,9 +197,12 @@ def test_compiled_kernels_declare_how_they_vary_inside_a_users_shard_map(platfor
     lowers there."""
     opt = pallas_amsgrad.amsgrad(0.1, implementation="pallas")
     state = opt.init(SHARD_MAP_PARAMS)
-    exported = jax.export.export(
-        _users_shard_map(opt, state, check_vma=True), platforms=[platform]
-    )(SHARD_MAP_PARAMS, state, SHARD_MAP_PARAMS)
+    mesh = exporting.mesh_for(sharded.make_mesh("1d", AxisType.Auto), platform)
+    with exporting.using(mesh):
+        exported = jax.export.export(
+            _users_shard_map(opt, state, check_vma=True, mesh=mesh),
+            platforms=[platform],
+        )(SHARD_MAP_PARAMS, state, SHARD_MAP_PARAMS)
     custom_call = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}[platform]
     assert custom_call in exported.mlir_module()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import exporting
 import jax
 import jax.numpy as jnp
 import leaf_tables
@@ -239,7 +240,7 @@ def test_explicit_axes_step_exports_per_shard_kernels(platform):
     which jax.export lowers for TPU and GPU from here: the kernel sees each
     device's shard shapes, and the program has no collective."""
     opt = optimizer(pallas_amsgrad.Pallas())
-    mesh = make_mesh("2d", AxisType.Explicit)
+    mesh = exporting.mesh_for(make_mesh("2d", AxisType.Explicit), platform)
     param_shardings = shardings(mesh)
     abstract = jax.tree.map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf[0], leaf[1], sharding=s),
@@ -247,7 +248,7 @@ def test_explicit_axes_step_exports_per_shard_kernels(platform):
         param_shardings,
         is_leaf=leaf_tables.is_leaf,
     )
-    with jax.set_mesh(mesh):
+    with exporting.using(mesh):
         state = jax.eval_shape(opt.init, abstract)
         exported = jax.export.export(
             jax.jit(lambda p, s, g: opt.step(g, s, p), donate_argnums=(0, 1)),
@@ -302,7 +303,11 @@ def test_sharded_recipe_only_reduces_the_norm(axis_type, implementation):
     collectives = [line for line in entry.splitlines() if COLLECTIVES.search(line)]
     assert len(collectives) == 1, collectives
     assert re.search(r"= f32\[\] all-reduce\(", collectives[0]), collectives
-    assert "replica_groups={{0,1,2,3,4,5,6,7}}" in collectives[0], collectives
+    # jaxlib 0.11.2 on prints the groups by mesh axes.
+    assert re.search(
+        r"replica_groups=(\{\{0,1,2,3,4,5,6,7\}\}|mesh\[[^]]*\] \{'data','model'\})",
+        collectives[0],
+    ), collectives
     assert int(new_state.total_notfinite) == 1
     tolerances.assert_trees_normwise_close((new_params, new_state), expected)
 
