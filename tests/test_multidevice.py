@@ -33,52 +33,13 @@ def _env(devices: int) -> dict[str, str]:
     )
 
 
-# tests/multidevice/ in parts of about a minute each on 2 cores, so that the
-# lane's processes share the suite's workers instead of one taking three
-# minutes of one of them at the end.
-EIGHT_DEVICE_PARTS = {
-    "step-rounding-recipe": [
-        "multidevice/test_sharded_step.py",
-        "-k",
-        "stochastic or recipe or 16_bit",
-    ],
-    "step": [
-        "multidevice/test_sharded_step.py",
-        "-k",
-        "not (stochastic or recipe or 16_bit)",
-    ],
-    "init-errors-derivatives": [
-        "multidevice/test_sharded_init_and_errors.py",
-        "multidevice/test_sharded_derivatives.py",
-    ],
-}
-
-
-def test_eight_device_parts_cover_the_lane():
-    modules = {p.name for p in (TESTS / "multidevice").glob("test_*.py")}
-    named = {
-        arg.removeprefix("multidevice/")
-        for part in EIGHT_DEVICE_PARTS.values()
-        for arg in part
-        if arg.endswith(".py")
-    }
-    assert named == modules
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("part", EIGHT_DEVICE_PARTS)
-def test_eight_device_lane(part):
-    """tests/multidevice/, in processes with 8 CPU devices, a part each."""
+def test_eight_device_lane():
+    """tests/multidevice/, in a process with 8 CPU devices. One process: the
+    suite runs its slow tests first (conftest.py), so the lane's minutes
+    overlap the rest of the suite instead of ending it."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            *EIGHT_DEVICE_PARTS[part],
-        ],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "multidevice"],
         cwd=TESTS,
         env=_env(8),
         capture_output=True,
