@@ -166,6 +166,11 @@ def cost_estimate(
     )
 
 
+def accepts(coefficients_ref) -> jax.Array:
+    """Whether the finite guard accepts this step, read in a kernel."""
+    return coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
+
+
 def load(ref):
     return ref[...]
 

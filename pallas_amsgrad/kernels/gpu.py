@@ -403,7 +403,7 @@ def _pipelined_kernel(
             )
 
     if skippable:
-        accept = coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
+        accept = common.accepts(coefficients_ref)
         pl.when(accept)(run)
     else:
         run()
@@ -501,7 +501,7 @@ def _group_kernel(
     block = jax.lax.axis_index(GRID_AXIS)
     active = True
     if skippable:
-        active = coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
+        active = common.accepts(coefficients_ref)
     body = _body(coefficients_ref, operands, interpret)
 
     def leaf_refs(k):

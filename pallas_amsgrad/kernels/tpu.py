@@ -305,7 +305,7 @@ def _group_kernel(
         )
     active = None
     if skippable:
-        active = coefficients_ref[_math.Coefficients._fields.index("accept")] != 0
+        active = common.accepts(coefficients_ref)
     first_row = 0  # Of this kind's leaves in the reordered stream table.
     for (shape, view_index), leaves in leaves_by_kind.items():
         streams, leading_unit = None, None

@@ -18,6 +18,7 @@ import optax
 
 import pallas_amsgrad
 from pallas_amsgrad import _implementations
+from pallas_amsgrad.kernels import common
 from pallas_amsgrad.tools.workloads import Shapes
 
 LEARNING_RATE = 1e-3
@@ -324,7 +325,7 @@ def implementations_here(device=None) -> list[str]:
     device = device or jax.devices()[0]
     default = _implementations.implementation_for(device).name
     target = _implementations.Target.of(device)
-    compiles = target.platform in ("tpu", "cuda") and (
+    compiles = target.platform in common.COMPILED_PLATFORMS and (
         target.cannot_compile_kernel() is None
     )
     others = [n for n in _implementations.IMPLEMENTATIONS if n != default]

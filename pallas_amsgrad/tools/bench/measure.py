@@ -111,6 +111,7 @@ def measure(
             run = None
             gc.collect()
             median = statistics.median(times) if times else math.nan
+            gb_per_s = _gbps(bytes_per_param, parameters, median)
             ratios = [
                 (bytes_per_param / t) / (step_bytes / r)
                 for t, r in zip(times, roofline_times, strict=True)
@@ -125,12 +126,12 @@ def measure(
                 median_s=median,
                 min_s=min(times) if times else math.nan,
                 rounds=len(times),
-                gb_per_s=_gbps(bytes_per_param, parameters, median),
+                gb_per_s=gb_per_s,
                 of_roofline=statistics.median(ratios) if ratios else math.nan,
                 roofline_median_s=(
                     statistics.median(roofline_times) if roofline_times else math.nan
                 ),
-                of_peak=_gbps(bytes_per_param, parameters, median) / peak,
+                of_peak=gb_per_s / peak,
                 lower_s=lower_s,
                 compile_s=compile_s,
                 note=note,
