@@ -6,6 +6,8 @@ from pallas_amsgrad._implementations import (
     Xla,
     implementation_for,
 )
+from pallas_amsgrad._quantization import QuantizedArray
+from pallas_amsgrad._state import convert_state, dequantize
 from pallas_amsgrad._transform import (
     GradientTransformationWithStep,
     amsgrad,
@@ -18,8 +20,11 @@ __all__ = [
     "BlockSizes",
     "GradientTransformationWithStep",
     "Pallas",
+    "QuantizedArray",
     "Xla",
     "amsgrad",
+    "convert_state",
+    "dequantize",
     "implementation_for",
     "scale_by_amsgrad",
 ]

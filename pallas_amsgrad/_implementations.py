@@ -300,6 +300,21 @@ def for_device(implementation: Implementation, device) -> Implementation:
     return implementation
 
 
+def for_group(
+    implementation: Implementation, operands: Any, compute: Any, *, by_default: bool
+) -> Implementation:
+    """What runs one dtype group: the XLA path for complex leaves (the
+    kernels are written for real dtypes), and for 8-bit state where the
+    default chose a kernel (which does not take it yet); else
+    `implementation`."""
+    xla_path = IMPLEMENTATIONS["xla"]
+    if jnp.issubdtype(compute, jnp.complexfloating):
+        return xla_path
+    if by_default and operands.quantizes and isinstance(implementation, Pallas):
+        return xla_path
+    return implementation
+
+
 def check_platforms(implementation: Implementation, arrays: Sequence[Any]) -> None:
     """Raises where a `Pallas` lowered for some platforms only is called on
     concrete arrays of another (traced arrays may be exported for any)."""

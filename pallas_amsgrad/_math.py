@@ -157,8 +157,7 @@ def sqrt_via_rsqrt(x: jax.Array) -> jax.Array:
     return 1.0 / jax.lax.rsqrt(x)
 
 
-# Each input that is written back, and the output position it becomes.
-_WRITTEN = {"param": 0, "mu": 1, "nu": 2, "nu_max": 3}
+_MOMENTS = ("mu", "nu", "nu_max")
 # The pytree each operand comes from, to name a leaf in errors.
 _TREES = {
     "param": "params",
@@ -166,6 +165,9 @@ _TREES = {
     "mu": "state.mu",
     "nu": "state.nu",
     "nu_max": "state.nu_max",
+    "mu_scales": "state.mu",
+    "nu_scales": "state.nu",
+    "nu_max_scales": "state.nu_max",
 }
 
 
@@ -176,24 +178,45 @@ class Operands:
     Inputs are `([param,] grad, mu, nu, nu_max)` and outputs
     `(param | update, mu, nu, nu_max)`: `step` passes the param and gets it
     back updated; `update` gets the update itself, and passes the param only
-    to read it (weight decay).
+    to read it (weight decay). A quantized moment is two arrays in its
+    place, its codes and then its scales (`_quantization`).
     """
 
     apply_to_params: bool
     terms: Terms = Terms()
-    # Per output, whether it is rounded stochastically (`_rounding`): the
-    # 16-bit ones a step stores, when the optimizer asks for it.
+    # Per output (param | update, mu, nu, nu_max), whether it is rounded
+    # stochastically (`_rounding`): the 16-bit and 8-bit moments a step
+    # stores, and a 16-bit param, when the optimizer asks for it.
     stochastic: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    # Per moment (mu, nu, nu_max), whether it is stored block-quantized, in
+    # blocks of `block` elements along the leaf's last dimension.
+    quantized: tuple[bool, bool, bool] = (False, False, False)
+    block: int = 256
+
+    @property
+    def quantizes(self) -> bool:
+        return any(self.quantized)
 
     @property
     def reads_param(self) -> bool:
         """Whether the param is an input: for `step`, or read for decay."""
         return self.apply_to_params or self.terms.decay
 
+    def _moments(self) -> tuple[str, ...]:
+        names = []
+        for name, quantized in zip(_MOMENTS, self.quantized, strict=True):
+            names += [name, f"{name}_scales"] if quantized else [name]
+        return tuple(names)
+
     @property
     def inputs(self) -> tuple[str, ...]:
         param = ("param",) if self.reads_param else ()
-        return (*param, "grad", "mu", "nu", "nu_max")
+        return (*param, "grad", *self._moments())
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        first = "param" if self.apply_to_params else "update"
+        return (first, *self._moments())
 
     @property
     def tree_names(self) -> tuple[str, ...]:
@@ -212,20 +235,48 @@ class Operands:
     def written_back(self) -> dict[int, int]:
         """{input position: output position} of every input the step replaces
         (all but grad, and a param read only for decay)."""
+        outputs = self.outputs
         return {
-            k: _WRITTEN[name]
+            k: outputs.index(name)
             for k, name in enumerate(self.inputs)
-            if name in _WRITTEN and (name != "param" or self.apply_to_params)
+            if name in outputs
         }
 
     def split(self, leaf: Sequence[Any]) -> tuple[Any, Any, Any, Any, Any]:
-        """(param or None, grad, mu, nu, nu_max) of one leaf's inputs."""
-        if self.reads_param:
-            return tuple(leaf)
-        return (None, *leaf)
+        """(param or None, grad, mu, nu, nu_max) of one leaf's inputs (or
+        outputs, with the update in the param's place); a quantized moment is
+        the pair (codes, scales)."""
+        named = dict(zip(self.inputs, leaf, strict=True))
+        moments = tuple(
+            (named[name], named[f"{name}_scales"]) if quantized else named[name]
+            for name, quantized in zip(_MOMENTS, self.quantized, strict=True)
+        )
+        return (named.get("param"), named["grad"], *moments)
+
+    def join_outputs(self, first: Any, mu: Any, nu: Any, nu_max: Any) -> tuple:
+        """The outputs in `outputs` order from the four, a quantized moment
+        given as (codes, scales)."""
+        joined = [first]
+        for moment, quantized in zip((mu, nu, nu_max), self.quantized, strict=True):
+            joined += list(moment) if quantized else [moment]
+        return tuple(joined)
+
+    def split_outputs(self, outputs: Sequence[Any]) -> tuple[Any, Any, Any, Any]:
+        """`join_outputs` undone: (first, mu, nu, nu_max)."""
+        named = dict(zip(self.outputs, outputs, strict=True))
+        moments = tuple(
+            (named[name], named[f"{name}_scales"]) if quantized else named[name]
+            for name, quantized in zip(_MOMENTS, self.quantized, strict=True)
+        )
+        return (outputs[0], *moments)
 
     def with_terms(self, terms: Terms) -> Operands:
         return dataclasses.replace(self, terms=terms)
+
+    def decoded(self) -> Operands:
+        """These operands with every moment as one float array: what
+        `step_block` takes once quantized moments are read."""
+        return dataclasses.replace(self, quantized=(False, False, False))
 
     @property
     def rounds_stochastically(self) -> bool:

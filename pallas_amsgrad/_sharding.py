@@ -245,7 +245,26 @@ def check_leaf(
             )
     if reference is not None:
         check_splits(reference_name, shape, reference)
+        if operands.quantizes:
+            check_blocks(reference_name, shape, reference, operands.block)
     return reference
+
+
+def check_blocks(name: str, shape: tuple[int, ...], sharding: Any, block: int):
+    """Raises unless each shard of a quantized leaf holds whole quantization
+    blocks: its last dim, where split, in multiples of `block`, so that each
+    device's scales are its own and the blocks are the unsharded leaf's."""
+    if not isinstance(sharding, NamedSharding) or len(sharding.spec) < len(shape):
+        return
+    axes = _axes(tuple(sharding.spec)[len(shape) - 1])
+    ways = math.prod(dict(sharding.mesh.shape)[axis] for axis in axes)
+    if ways > 1 and (shape[-1] // ways) % block:
+        raise ValueError(
+            f"{name} has shape {shape} and 8-bit state in blocks of {block}, "
+            f"but {_describe(sharding, len(shape))} splits its last dim into "
+            f"shards of {shape[-1] // ways}, which cuts a quantization block: "
+            f"shard the last dim in multiples of {block}, or shard another dim"
+        )
 
 
 def check_splits(name: str, shape: tuple[int, ...], sharding: Any) -> None:
@@ -386,8 +405,14 @@ def _sharding_rule(group: _Group, mesh, operand_types, result_types):
         # Operand 0 is the coefficients; then each leaf's operands in turn.
         rank = len(operand_types[1 + leaf_index * operand_count].shape)
         dims = tuple(f"leaf{leaf_index}_dim{d}" for d in range(rank))
-        operands += [dims] * operand_count
-        results += [dims] * len(group.out_dtypes)
+        # A quantized moment's scales: one per block of the last dim.
+        blocks = (*dims[:-1], f"leaf{leaf_index}_blocks")
+
+        def factors(name, dims=dims, blocks=blocks):
+            return blocks if name.endswith("_scales") else dims
+
+        operands += [factors(name) for name in group.operands.inputs]
+        results += [factors(name) for name in group.operands.outputs]
     operands.append(("key_leaves", "key_outputs"))
     assert len(results) == len(result_types)
     return SdyShardingRule(

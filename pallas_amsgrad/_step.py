@@ -18,6 +18,7 @@ import optax
 from pallas_amsgrad import (
     _implementations,
     _math,
+    _quantization,
     _rounding,
     _sharding,
     _validation,
@@ -57,6 +58,8 @@ class Hyperparams(NamedTuple):
     # Not in optax: 16-bit stores rounded stochastically (`_rounding`).
     stochastic_rounding: bool = False
     seed: jax.typing.ArrayLike = 0
+    # Not in optax: elements per scale of 8-bit moments (`_quantization`).
+    quantization_block: int = _quantization.QUANTIZATION_BLOCK
 
 
 @functools.partial(jax.jit, inline=True)
@@ -110,10 +113,12 @@ def global_norm_and_finiteness(grads: Any) -> tuple[jax.Array, jax.Array]:
 
 
 def _stochastic_outputs(out_dtypes, apply_to_params: bool) -> tuple[bool, ...]:
-    """Which outputs are rounded stochastically: every 16-bit one that is
-    stored (the new param, mu, nu, nu_max), not the update of `update`."""
+    """Which of (first, mu, nu, nu_max) are rounded stochastically: every
+    16-bit one that is stored (the new param, mu, nu, nu_max), not the update
+    of `update`; and 8-bit mu and nu, not nu_max, which rounds up."""
     return tuple(
-        jnp.dtype(dtype) in _rounding.SIXTEEN_BITS and (j > 0 or apply_to_params)
+        (jnp.dtype(dtype) in _rounding.SIXTEEN_BITS and (j > 0 or apply_to_params))
+        or (jnp.dtype(dtype) in _quantization.QUANTIZED_DTYPES and j in (1, 2))
         for j, dtype in enumerate(out_dtypes)
     )
 
@@ -155,6 +160,7 @@ def fused_update(
     _validation.check_trees(grads, checked)
     step_operands = _math.STEP if apply_to_params else _math.UPDATE
     arrays = jax.tree.leaves((grads, params, state))
+    by_default = isinstance(implementation, _implementations.Default)
     implementation = _implementations.for_device(
         implementation, _implementations.placed_device(arrays)
     )
@@ -183,7 +189,11 @@ def fused_update(
             strict=True,
         )
     ):
-        _validation.check_complex_leaf(paths[index], grad, mu, param, hp.mu_dtype)
+        moments = (mu, nu, nu_max)
+        quantized = _quantization.check_moments(paths[index], grad, moments, hp)
+        _validation.check_complex_leaf(
+            paths[index], grad, mu.codes if quantized[0] else mu, param, hp.mu_dtype
+        )
         _validation.check_nu_dtype(f"grads{paths[index]}", grad.dtype, hp.nu_dtype)
         operands = step_operands.with_terms(
             _math.Terms(
@@ -192,12 +202,20 @@ def fused_update(
                 skip=recipe.accept is not None,
             )
         )
+        # A quantized moment reads as float32, and is stored in its codes'
+        # dtype; a leaf too small to quantize keeps an 8-bit request in float32.
+        read = [
+            jax.ShapeDtypeStruct(grad.shape, jnp.float32) if q else m
+            for m, q in zip(moments, quantized, strict=True)
+        ]
+        leaf_hp = hp._replace(
+            mu_dtype=_quantization.stored_dtype(grad.shape, hp.mu_dtype),
+            nu_dtype=_quantization.stored_dtype(grad.shape, hp.nu_dtype),
+        )
         out_dtypes, compute = leaf_dtypes(
             grad,
-            mu,
-            nu,
-            nu_max,
-            hp,
+            *read,
+            leaf_hp,
             step_size,
             is_schedule,
             (recipe.weight_decay, param) if operands.terms.decay else None,
@@ -210,7 +228,22 @@ def fused_update(
             operands = dataclasses.replace(
                 operands, stochastic=_stochastic_outputs(out_dtypes, apply_to_params)
             )
-        inputs = (param, grad, mu, nu, nu_max)[0 if operands.reads_param else 1 :]
+        if any(quantized):
+            operands = dataclasses.replace(
+                operands, quantized=quantized, block=hp.quantization_block
+            )
+            out_dtypes = operands.join_outputs(
+                *(
+                    (d, jnp.dtype(jnp.float32)) if q else d
+                    for d, q in zip(out_dtypes, (False, *quantized), strict=True)
+                )
+            )
+        stored = [
+            (m.codes, m.scales) if q else m
+            for m, q in zip(moments, quantized, strict=True)
+        ]
+        inputs = (param, grad, *operands.join_outputs(None, *stored)[1:])
+        inputs = inputs[0 if operands.reads_param else 1 :]
         key = (tuple(x.dtype for x in inputs), out_dtypes, compute, operands)
         groups.setdefault(key, []).append((index, inputs))
 
@@ -239,11 +272,9 @@ def fused_update(
                 ]
             )
         outputs = _sharding.per_shard(
-            # The kernels are written for real dtypes: complex leaves take
-            # the XLA path, the same block math.
-            _implementations.IMPLEMENTATIONS["xla"]
-            if jnp.issubdtype(compute, jnp.complexfloating)
-            else implementation,
+            _implementations.for_group(
+                implementation, operands, compute, by_default=by_default
+            ),
             coefficients.pack(compute),
             [inputs for _, inputs in members],
             paths=[paths[index] for index, _ in members],
@@ -252,7 +283,12 @@ def fused_update(
             keys=keys,
         )
         for (index, _), leaf_outputs in zip(members, outputs, strict=True):
-            results[index] = leaf_outputs
+            results[index] = tuple(
+                _quantization.QuantizedArray(*x, operands.block)
+                if isinstance(x, tuple)
+                else x
+                for x in operands.split_outputs(leaf_outputs)
+            )
     first, mu, nu, nu_max = (
         treedef.unflatten([leaf_results[i] for leaf_results in results])
         for i in range(4)

@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pallas_amsgrad import _implementations, _sharding, _step, _validation
+from pallas_amsgrad import (
+    _implementations,
+    _quantization,
+    _sharding,
+    _step,
+    _validation,
+)
 from pallas_amsgrad.kernels.common import BlockSizes
 
 StepFn = Callable[[optax.Updates, optax.OptState, optax.Params], tuple[Any, Any]]
@@ -61,9 +67,12 @@ class GradientTransformationWithStep(optax.GradientTransformationExtraArgs):
         )
 
 
-def _init_state(params, mu_dtype, nu_dtype=None) -> optax.ScaleByAmsgradState:
+def _init_state(
+    params, mu_dtype, nu_dtype=None, block=_quantization.QUANTIZATION_BLOCK
+) -> optax.ScaleByAmsgradState:
     """optax's state, each moment sharded as its param (mu in `mu_dtype`, nu
-    and nu_max in `nu_dtype`, where given).
+    and nu_max in `nu_dtype`, where given; an 8-bit one as a
+    `QuantizedArray` of `block`s where the leaf quantizes, else float32).
 
     Works on arrays, on tracers (under `jit`, whose `out_shardings` then
     decide) and on `jax.ShapeDtypeStruct`s, whose `sharding` is honoured: each
@@ -72,13 +81,17 @@ def _init_state(params, mu_dtype, nu_dtype=None) -> optax.ScaleByAmsgradState:
     meshes = []
 
     def zeros(path, p, dtype=None):
+        name = f"params{jax.tree_util.keystr(path)}"
         if dtype is not None and jnp.issubdtype(p.dtype, jnp.complexfloating):
             raise TypeError(
-                f"params{jax.tree_util.keystr(path)} is complex ({p.dtype}) but "
+                f"{name} is complex ({p.dtype}) but "
                 f"mu_dtype={jnp.dtype(dtype).name} is real: casting mu to it "
                 "would drop its imaginary part; use mu_dtype=None for complex "
                 "leaves"
             )
+        dtype = _quantization.stored_dtype(jnp.shape(p), dtype)
+        if dtype is not None and jnp.dtype(dtype) in _quantization.QUANTIZED_DTYPES:
+            return _quantized_zeros(name, p, dtype, block, meshes)
         dtype = dtype or p.dtype
         if isinstance(p, jax.Array):  # Keeps a concrete or explicit sharding.
             if isinstance(getattr(p, "sharding", None), NamedSharding):
@@ -88,9 +101,7 @@ def _init_state(params, mu_dtype, nu_dtype=None) -> optax.ScaleByAmsgradState:
         # context mesh, as a NamedSharding.
         sharding = getattr(p, "sharding", None)
         if sharding is not None:
-            _sharding.check_splits(
-                f"params{jax.tree_util.keystr(path)}", p.shape, sharding
-            )
+            _sharding.check_splits(name, p.shape, sharding)
             if isinstance(sharding, NamedSharding):
                 meshes.append(sharding.mesh)
         return jnp.zeros(jnp.shape(p), dtype, device=sharding)
@@ -111,6 +122,33 @@ def _init_state(params, mu_dtype, nu_dtype=None) -> optax.ScaleByAmsgradState:
         nu=nu,
         nu_max=nu_max,
     )
+
+
+def _quantized_zeros(name, p, dtype, block, meshes) -> _quantization.QuantizedArray:
+    """Zero codes and zero scales for a param (array, tracer or
+    ShapeDtypeStruct), both sharded as it is."""
+    if jnp.dtype(p.dtype) not in _QUANTIZABLE:
+        raise TypeError(
+            f"{name} is {jnp.dtype(p.dtype).name}: 8-bit state is computed in "
+            "float32, for float32, bfloat16 and float16 leaves"
+        )
+    shape = tuple(jnp.shape(p))
+    sharding = None
+    if not isinstance(p, jax.core.Tracer):
+        sharding = getattr(p, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        _sharding.check_splits(name, shape, sharding)
+        _sharding.check_blocks(name, shape, sharding, block)
+        meshes.append(sharding.mesh)
+    scales = _quantization.scale_shape(shape, block)
+    return _quantization.QuantizedArray(
+        jnp.zeros(shape, dtype, device=sharding),
+        jnp.zeros(scales, jnp.float32, device=sharding),
+        block,
+    )
+
+
+_QUANTIZABLE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -324,6 +362,7 @@ def scale_by_amsgrad(
     nu_dtype: Any | None = None,
     stochastic_rounding: bool = False,
     seed: jax.typing.ArrayLike | None = None,
+    quantization_block: int | None = None,
     implementation: ImplementationArg = None,
     block_sizes: BlockSizes | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -331,19 +370,29 @@ def scale_by_amsgrad(
 
     Args:
       b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu:
-        as in `optax.scale_by_amsgrad`.
+        as in `optax.scale_by_amsgrad`; `mu_dtype=jnp.int8` stores `mu`
+        block-quantized (see `nu_dtype`).
       nu_dtype: the dtype `nu` and `nu_max` are stored in (None: as optax,
         the gradients'); a real floating dtype no wider than the computation.
         The step computes in at least float32 and rounds them to it once.
+        `jnp.uint8` (and `mu_dtype=jnp.int8`) stores them block-quantized:
+        each as a `pallas_amsgrad.QuantizedArray` of 8-bit codes and a
+        float32 scale per `quantization_block` elements along the last
+        dimension, where the leaf has at least 4096 elements (smaller
+        leaves keep float32). `nu_max` is rounded up, so it never reads
+        back below the exact running maximum (docs/quantized-state.md).
       stochastic_rounding: round every value stored in 16 bits (mu, nu,
         nu_max; and the params in `step`) stochastically: to a neighbour at
-        random, unbiased, so that small changes survive on average. Float32
+        random, unbiased, so that small changes survive on average; 8-bit
+        `mu` and `nu` too (not `nu_max`, always rounded up). Float32
         storage, and the updates `update` returns, round to nearest as ever.
       seed: an integer (taken modulo 2**32; None: 0) that with the step
         count, each leaf's key path and each element's index determines the
         random bits: a step is reproducible, and its bits do not depend on
         the implementation, the block sizes or the sharding. None, not 0, is
         the default so that `optax.inject_hyperparams` leaves it alone.
+      quantization_block: elements per scale of 8-bit state, a positive
+        multiple of 128 (None: 256); a Python int.
       implementation: "pallas" (the fused kernel; interpreted on CPU), "xla"
         (the same math as XLA fusions), an implementation object
         (`pallas_amsgrad.Pallas(...)`, `pallas_amsgrad.Xla()`), or None:
@@ -357,23 +406,29 @@ def scale_by_amsgrad(
     for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
         _validation.check_scalar(name, value)
     _validation.check_stochastic_rounding(stochastic_rounding, seed)
+    mu_dtype = _validation.canonical_state_dtype("mu_dtype", mu_dtype)
+    nu_dtype = _validation.canonical_state_dtype("nu_dtype", nu_dtype)
     hp = _step.Hyperparams(
         b1,
         b2,
         eps,
         eps_root,
-        _validation.canonical_state_dtype("mu_dtype", mu_dtype),
+        mu_dtype,
         bool(bias_correction_mu),
         bool(bias_correction_nu),
-        _validation.canonical_state_dtype("nu_dtype", nu_dtype),
+        nu_dtype,
         bool(stochastic_rounding),
         0 if seed is None else seed,
+        _validation.check_quantization_block(quantization_block, mu_dtype, nu_dtype),
     )
     update = _ScaleByAmsgradUpdate(
         hp, _implementations.resolve(implementation, block_sizes)
     )
     return optax.GradientTransformationExtraArgs(
-        lambda params: _init_state(params, hp.mu_dtype, hp.nu_dtype), update
+        lambda params: _init_state(
+            params, hp.mu_dtype, hp.nu_dtype, hp.quantization_block
+        ),
+        update,
     )
 
 
@@ -394,6 +449,7 @@ def amsgrad(
     mask: Any = None,
     max_grad_norm: jax.typing.ArrayLike | None = None,
     max_consecutive_errors: int | None = None,
+    quantization_block: int | None = None,
     implementation: ImplementationArg = None,
     block_sizes: BlockSizes | None = None,
 ) -> GradientTransformationWithStep:
@@ -425,6 +481,8 @@ def amsgrad(
       nu_dtype: the dtype `nu` and `nu_max` are stored in (see
         `scale_by_amsgrad`); e.g. `jnp.bfloat16` halves their memory and
         traffic. The state keeps optax's structure, with narrower leaves.
+        `mu_dtype=jnp.int8, nu_dtype=jnp.uint8` quarters it: 8-bit
+        block-quantized moments (see `scale_by_amsgrad`).
       stochastic_rounding, seed: 16-bit stores rounded stochastically (see
         `scale_by_amsgrad`): the params in `step` too, which lets bfloat16
         params train without float32 master weights.
@@ -440,6 +498,8 @@ def amsgrad(
       max_consecutive_errors: when an int (at least 1), a step whose
         gradients hold a NaN or inf changes nothing (zero updates, params and
         moments kept), until more than this many such steps come in a row.
+      quantization_block: elements per scale of 8-bit state (see
+        `scale_by_amsgrad`).
       implementation: "pallas", "xla", an implementation object or None (see
         `scale_by_amsgrad`).
       block_sizes: overrides the kernel's per-platform default block sizes.
@@ -475,6 +535,7 @@ def amsgrad(
         nu_dtype=nu_dtype,
         stochastic_rounding=stochastic_rounding,
         seed=seed,
+        quantization_block=quantization_block,
         implementation=implementation,
         block_sizes=block_sizes,
     )

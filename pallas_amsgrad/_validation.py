@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_amsgrad import _quantization
+
 
 def check_scalar(name: str, value: Any) -> None:
     """A hyperparameter must be a real scalar (Python number or 0-d array)."""
@@ -40,16 +42,61 @@ def _check_unless_schedule(check, name: str, value: Any) -> None:
 
 
 def canonical_state_dtype(name: str, value: Any) -> jnp.dtype | None:
-    """`mu_dtype` or `nu_dtype` as a dtype: None, or a real floating dtype."""
+    """`mu_dtype` or `nu_dtype` as a dtype: None, a real floating dtype, or
+    the 8-bit one of quantized storage (int8 for mu, whose values are signed;
+    uint8 for nu and nu_max, which are not)."""
     if value is None:
         return None
     try:
         dtype = jax.dtypes.canonicalize_dtype(value)
     except TypeError:
         raise TypeError(f"{name}={value!r} is not a dtype") from None
+    eight_bits = jnp.dtype(jnp.int8 if name == "mu_dtype" else jnp.uint8)
+    if dtype == eight_bits:
+        return dtype
+    if dtype in _quantization.QUANTIZED_DTYPES:
+        moments = (
+            "mu, which is signed"
+            if name == "mu_dtype"
+            else "nu and nu_max, which are not negative"
+        )
+        raise TypeError(
+            f"{name}={dtype.name}: 8-bit state of {moments}, is "
+            f"{name}={eight_bits.name}"
+        )
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{name}={value!r} must be a floating-point dtype")
+        raise TypeError(
+            f"{name}={value!r} must be a floating-point dtype, or "
+            f"jnp.{eight_bits.name} for 8-bit block-quantized state"
+        )
     return dtype
+
+
+def check_quantization_block(block: Any, mu_dtype: Any, nu_dtype: Any) -> int:
+    """`quantization_block` as an int: None (the default, 256), or a positive
+    multiple of the kernels' 128 lanes, given only with 8-bit state."""
+    if block is None:
+        return _quantization.QUANTIZATION_BLOCK
+    if isinstance(block, bool) or not isinstance(block, int | np.integer):
+        raise TypeError(
+            f"quantization_block={block!r} must be a Python int (a static "
+            "argument: with optax.inject_hyperparams, list it in static_args)"
+        )
+    unit = _quantization.BLOCK_UNIT
+    if block <= 0 or block % unit:
+        raise ValueError(
+            f"quantization_block={block} must be a positive multiple of {unit} "
+            f"(the TPU's and the GPU kernel's {unit} lanes), e.g. 256"
+        )
+    if not any(
+        d is not None and jnp.dtype(d) in _quantization.QUANTIZED_DTYPES
+        for d in (mu_dtype, nu_dtype)
+    ):
+        raise ValueError(
+            f"quantization_block={block} applies to 8-bit state only: give "
+            "mu_dtype=jnp.int8 and/or nu_dtype=jnp.uint8, or leave it None"
+        )
+    return int(block)
 
 
 def check_nu_dtype(name: str, leaf_dtype: Any, nu_dtype: Any) -> None:
@@ -59,6 +106,13 @@ def check_nu_dtype(name: str, leaf_dtype: Any, nu_dtype: Any) -> None:
     if nu_dtype is None:
         return
     leaf_dtype = jnp.dtype(leaf_dtype)
+    if jnp.dtype(nu_dtype) in _quantization.QUANTIZED_DTYPES:
+        if jnp.issubdtype(leaf_dtype, jnp.complexfloating):
+            raise TypeError(
+                f"{name} is complex ({leaf_dtype}) but nu_dtype=uint8 is "
+                "real; use nu_dtype=None for complex leaves"
+            )
+        return
     if jnp.issubdtype(leaf_dtype, jnp.complexfloating):
         raise TypeError(
             f"{name} is complex ({leaf_dtype}) but "
@@ -99,7 +153,8 @@ def check_trees(grads: Any, trees: dict[str, Any]) -> None:
             _leaves_like(name, tree, treedef), grad_paths, strict=True
         ):
             path = jax.tree_util.keystr(path)
-            _check_float_leaf(f"{name}{path}", leaf)
+            if not isinstance(leaf, _quantization.QuantizedArray):
+                _check_float_leaf(f"{name}{path}", leaf)
             if jnp.shape(leaf) != jnp.shape(grad):
                 raise ValueError(
                     f"{name}{path} has shape {jnp.shape(leaf)} but the gradient "

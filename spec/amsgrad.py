@@ -55,6 +55,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .quantization import (
+    MU_MAP,
+    NU_MAP,
+    QUANTIZATION_BLOCK,
+    dequantize,
+    quantize,
+    quantizes,
+)
 from .rounding import (
     MU,
     NU,
@@ -120,11 +128,44 @@ class Hyperparams:
     # by bits that `seed`, the count, the leaf and the array determine.
     stochastic_rounding: bool = False
     seed: Any = 0
+    # Not in optax: with mu_dtype=int8 and/or nu_dtype=uint8, the moments of
+    # leaves that `quantizes` are stored in 8-bit codes with a scale per
+    # block of this many elements along the last dimension.
+    quantization_block: int = QUANTIZATION_BLOCK
 
     @property
     def decays(self) -> bool:
         """Whether the decay term exists: anything but None."""
         return self.weight_decay is not None
+
+
+class QuantizedMoment(NamedTuple):
+    """A moment stored in 8 bits (`quantization.quantize`): int8 codes for
+    `mu`, uint8 for `nu` and `nu_max`, and one float32 scale per block."""
+
+    codes: jax.Array
+    scales: jax.Array
+
+
+_QUANTIZED = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
+
+
+def storage_dtype(shape, dtype):
+    """The dtype a moment of a leaf of `shape` is stored in, for a requested
+    `dtype` (mu_dtype, nu_dtype): an 8-bit one only where the leaf
+    `quantizes`, else float32; any other as requested."""
+    if dtype is None or jnp.dtype(dtype) not in _QUANTIZED:
+        return dtype
+    return dtype if quantizes(shape) else jnp.float32
+
+
+def read_moment(moment, hp: Hyperparams):
+    """A stored moment as the step reads it: a `QuantizedMoment` dequantized
+    to float32 (exactly), any other array as it is."""
+    if not isinstance(moment, QuantizedMoment):
+        return moment
+    code_map = MU_MAP if moment.codes.dtype == jnp.int8 else NU_MAP
+    return dequantize(moment.codes, moment.scales, code_map, hp.quantization_block)
 
 
 # --- The equations, one per function. ---------------------------------------
@@ -288,12 +329,24 @@ def _leaf_exact(grad, mu, nu, nu_max, param, scalars, hp, decayed):
     return values, [t.dtype for t in out_types]
 
 
-def init(params, mu_dtype=None, nu_dtype=None) -> AmsgradState:
+def init(
+    params, mu_dtype=None, nu_dtype=None, quantization_block=QUANTIZATION_BLOCK
+) -> AmsgradState:
     """count = 0; mu, nu, nu_max = 0 (mu in `mu_dtype`, nu and nu_max in
-    `nu_dtype`, when given)."""
+    `nu_dtype`, when given; an 8-bit one per `storage_dtype`)."""
 
     def zeros(p, dtype=None):
-        return jnp.zeros(jnp.shape(p), dtype or jnp.result_type(p))
+        shape = jnp.shape(p)
+        dtype = storage_dtype(shape, dtype)
+        if dtype is not None and jnp.dtype(dtype) in _QUANTIZED:
+            code_map = MU_MAP if jnp.dtype(dtype) == jnp.int8 else NU_MAP
+            codes, scales = quantize(
+                jnp.zeros(shape, jnp.float32),
+                code_map,
+                block=quantization_block,
+            )
+            return QuantizedMoment(codes, scales)
+        return jnp.zeros(shape, dtype or jnp.result_type(p))
 
     return AmsgradState(
         count=jnp.zeros([], jnp.int32),
@@ -306,7 +359,7 @@ def init(params, mu_dtype=None, nu_dtype=None) -> AmsgradState:
 def init_state(params, hp: Hyperparams) -> AmsgradState | FiniteGuardState:
     """`init`, inside a `FiniteGuardState` (no errors yet) when `hp` skips
     non-finite steps."""
-    state = init(params, hp.mu_dtype, hp.nu_dtype)
+    state = init(params, hp.mu_dtype, hp.nu_dtype, hp.quantization_block)
     if hp.max_consecutive_errors is None:
         return state
     return FiniteGuardState(
@@ -345,7 +398,8 @@ def _exact_step(grads, state, params, hp):
     scalars = (corrections, step_size, norm, weight_decay)
     treedef = jax.tree.structure(grads)
     moments = [
-        treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.nu_max)
+        [read_moment(m, hp) for m in treedef.flatten_up_to(tree)]
+        for tree in (state.mu, state.nu, state.nu_max)
     ]
     decayed = decay_mask(grads, hp)
     if any(decayed) and params is None:
@@ -368,8 +422,25 @@ def _exact_step(grads, state, params, hp):
 def store(value, dtype, hp: Hyperparams, count, path: str, array: int):
     """`value` rounded once to the `dtype` it is stored in: to nearest, or
     stochastically where `hp` asks for it and `dtype` has 16 bits. `path` is
-    the leaf's key path; `array` is `rounding.PARAM`, `MU`, `NU` or `NU_MAX`."""
+    the leaf's key path; `array` is `rounding.PARAM`, `MU`, `NU` or `NU_MAX`.
+
+    An 8-bit `dtype` stores a `QuantizedMoment`: `mu` and `nu` rounded to
+    the nearest code (or stochastically, by the same bits a 16-bit store
+    takes), `nu_max` always up, so that it never reads back below the exact
+    running maximum."""
     dtype = jnp.dtype(dtype)
+    if dtype in _QUANTIZED:
+        if array == NU_MAX:
+            rounding, bits = "up", None
+        elif hp.stochastic_rounding:
+            key = stream_key(hp.seed, count, leaf_id(path), array)
+            rounding, bits = "stochastic", random_bits(key, jnp.shape(value))
+        else:
+            rounding, bits = "nearest", None
+        code_map = MU_MAP if dtype == jnp.int8 else NU_MAP
+        return QuantizedMoment(
+            *quantize(value, code_map, rounding, bits, hp.quantization_block)
+        )
     if not hp.stochastic_rounding or dtype not in _SIXTEEN_BITS:
         return value.astype(dtype)
     key = stream_key(hp.seed, count, leaf_id(path), array)
@@ -387,7 +458,8 @@ def _rounded_state(treedef, leaves, count, paths, hp) -> AmsgradState:
             [
                 store(
                     values[index],
-                    dtype_override or dtypes[index],
+                    storage_dtype(jnp.shape(values[index]), dtype_override)
+                    or dtypes[index],
                     hp,
                     count,
                     path,
@@ -415,7 +487,7 @@ def _guarded(grads, state, hp, run):
     notfinite_count = consecutive_errors(state.notfinite_count, finite)
     accept = accepts(finite, notfinite_count, hp.max_consecutive_errors)
     first, inner = run(state.inner_state, accept)
-    kept = jax.tree.map(
+    kept = jax.tree.map(  # Over codes and scales too.
         lambda new, old: jnp.where(accept, new, jnp.asarray(old, new.dtype)),
         inner,
         state.inner_state,

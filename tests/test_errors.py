@@ -61,8 +61,10 @@ def test_integer_param_leaf(opt):
         opt.step(params(), state, int_params)
 
 
-@pytest.mark.parametrize("mu_dtype", [jnp.int8, "not-a-dtype", jnp.complex64], ids=str)
-def test_mu_dtype_must_be_float(mu_dtype):
+@pytest.mark.parametrize(
+    "mu_dtype", [jnp.uint8, jnp.int16, "not-a-dtype", jnp.complex64], ids=str
+)
+def test_mu_dtype_must_be_float_or_int8(mu_dtype):
     with pytest.raises(TypeError, match="mu_dtype="):
         pallas_amsgrad.amsgrad(0.1, mu_dtype=mu_dtype)
 
@@ -144,8 +146,10 @@ def test_complex_leaf_with_a_real_mu_dtype():
         opt.update(complex_params, state)
 
 
-@pytest.mark.parametrize("nu_dtype", [jnp.int8, "not-a-dtype", jnp.complex64], ids=str)
-def test_nu_dtype_must_be_a_real_float(nu_dtype):
+@pytest.mark.parametrize(
+    "nu_dtype", [jnp.int8, jnp.uint16, "not-a-dtype", jnp.complex64], ids=str
+)
+def test_nu_dtype_must_be_a_real_float_or_uint8(nu_dtype):
     with pytest.raises(TypeError, match="nu_dtype="):
         pallas_amsgrad.amsgrad(0.1, nu_dtype=nu_dtype)
     with pytest.raises(TypeError, match="nu_dtype="):
@@ -249,3 +253,67 @@ def test_update_without_params_refused_when_decaying(implementation):
         ValueError, match=r"weight_decay=\.\.\.\) decays the params, but params=None"
     ):
         jax.jit(opt.update).trace(params(), state)
+
+
+@pytest.mark.parametrize(
+    "block", [100, 0, -256, 1.5, True, jnp.array(256), 64], ids=repr
+)
+def test_quantization_block_is_a_positive_multiple_of_128(block):
+    with pytest.raises((TypeError, ValueError), match=r"quantization_block="):
+        pallas_amsgrad.amsgrad(0.1, mu_dtype=jnp.int8, quantization_block=block)
+
+
+def test_quantization_block_without_8_bit_state():
+    with pytest.raises(ValueError, match=r"quantization_block=512 applies to 8-bit"):
+        pallas_amsgrad.amsgrad(0.1, nu_dtype=jnp.bfloat16, quantization_block=512)
+
+
+def test_8_bit_state_of_complex_and_float64_leaves():
+    big = (16, 300)
+    opt = pallas_amsgrad.amsgrad(0.1, nu_dtype=jnp.uint8)
+    with pytest.raises(TypeError, match=r"params\['c'\] is complex .*nu_dtype=uint8"):
+        opt.init({"c": jnp.ones(big, jnp.complex64)})
+    with (
+        jax.enable_x64(True),
+        pytest.raises(TypeError, match=r"params\['d'\] is float64: 8-bit state"),
+    ):
+        opt.init({"d": jnp.ones(big, jnp.float64)})
+
+
+def test_state_of_another_storage_names_the_leaf(implementation):
+    """A float state given to an 8-bit optimizer (or the reverse, or other
+    blocks) is refused, naming the leaf and the way to convert it."""
+    params = {"w": jnp.ones((16, 300)), "b": jnp.ones(3)}
+    eight_bit = pallas_amsgrad.amsgrad(
+        0.1, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, implementation=implementation
+    )
+    plain = pallas_amsgrad.amsgrad(0.1, implementation=implementation)
+    with pytest.raises(
+        ValueError, match=r"state.mu\['w'\] is an array of float32.*convert_state"
+    ):
+        eight_bit.step(params, plain.init(params), params)
+    with pytest.raises(
+        ValueError, match=r"state.mu\['w'\] is quantized \(int8 codes\)"
+    ):
+        plain.step(params, eight_bit.init(params), params)
+    other_blocks = pallas_amsgrad.amsgrad(
+        0.1, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, quantization_block=128
+    )
+    with pytest.raises(
+        ValueError, match=r"state.mu\['w'\] is quantized in blocks of 256"
+    ):
+        other_blocks.step(params, eight_bit.init(params), params)
+
+
+def test_kernels_without_8_bit_state_say_so():
+    """`Pallas()` lowers for TPU and GPU too, whose kernels do not take 8-bit
+    state yet: it says so and what runs it."""
+    params = {"w": jnp.ones((16, 300))}
+    opt = pallas_amsgrad.amsgrad(0.1, mu_dtype=jnp.int8, implementation="pallas")
+    with pytest.raises(NotImplementedError, match=r"implementation='xla' or None"):
+        opt.step(params, opt.init(params), params)
+
+
+def test_convert_state_needs_an_amsgrad_state():
+    with pytest.raises(ValueError, match=r"no optax.ScaleByAmsgradState"):
+        pallas_amsgrad.convert_state((), {"w": jnp.ones(3)}, mu_dtype=jnp.int8)

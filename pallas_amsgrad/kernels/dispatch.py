@@ -74,6 +74,14 @@ def amsgrad_pallas_group(
         whole_shapes = tuple(streams.shapes[k] for k in nonempty)
 
     def branch(platform, interpret_as=False):
+        if operands.quantizes and platform in _GROUP_KERNELS:
+            raise NotImplementedError(
+                f"the {platform} kernel does not take 8-bit state yet "
+                f"(mu_dtype=int8, nu_dtype=uint8), and Pallas(platforms="
+                f"{platforms}) lowers for {platform}: use implementation="
+                "'xla' or None, which run it as XLA fusions, or "
+                "Pallas(platforms=('cpu',)) for Pallas' generic interpreter"
+            )
         sizes = block_sizes or common.BlockSizes.get_default(platform)
         if platform in common.COMPILED_PLATFORMS:
             common.check_fits(sizes, all_dtypes, platform)

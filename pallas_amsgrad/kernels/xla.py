@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_amsgrad import _math, _rounding
+from pallas_amsgrad import _math, _quantization, _rounding
 
 
 def amsgrad_xla_group(
@@ -43,22 +43,20 @@ def amsgrad_xla_group(
 
 def _steps(c, leaves, out_dtypes, operands, dtype, streams):
     results = []
+    decoded = operands.decoded()
     for k, leaf in enumerate(leaves):
         # jnp.asarray(x, dtype), as in the kernel body: exactly x.astype(dtype)
         # here, without astype(None)'s fall back to jnp's default float.
-        outputs = _math.step_block([jnp.asarray(x, dtype) for x in leaf], c, operands)
+        outputs = _math.step_block(
+            _quantization.read_leaf(leaf, operands, dtype), c, decoded
+        )
         keys = index = None
         if operands.rounds_stochastically:
             keys = [streams.keys[k, j] for j in range(4)]
             index = functools.partial(streams.flat_index, k, leaf[0].shape)
         results.append(
-            _rounding.store(
-                outputs,
-                out_dtypes,
-                operands.stochastic,
-                keys,
-                index,
-                differentiable=True,
+            _quantization.store_leaf(
+                outputs, out_dtypes, operands, keys, index, differentiable=True
             )
         )
     return results
@@ -66,9 +64,10 @@ def _steps(c, leaves, out_dtypes, operands, dtype, streams):
 
 def _unchanged(leaf, out_dtypes, operands):
     """A skipped step's outputs: the param as it was (or a zero update) and
-    the moments as they were."""
-    param, grad, mu, nu, nu_max = operands.split(leaf)
-    first = param if operands.apply_to_params else jnp.zeros(grad.shape, out_dtypes[0])
+    the moments (their codes and scales) as they were."""
+    named = dict(zip(operands.inputs, leaf, strict=True))
+    grad = named["grad"]
     return tuple(
-        x.astype(d) for x, d in zip((first, mu, nu, nu_max), out_dtypes, strict=True)
+        named[name].astype(d) if name in named else jnp.zeros(grad.shape, d)
+        for name, d in zip(operands.outputs, out_dtypes, strict=True)
     )
