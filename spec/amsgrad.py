@@ -32,6 +32,13 @@ Precision rule
   values stored in 16 bits (the param in `step`; mu, nu and nu_max): each
   goes to a neighbour at random, unbiased (`rounding.py`). Float32 outputs
   and the updates of `update` are rounded as without it.
+* An 8-bit `mu_dtype` (int8) or `nu_dtype` (uint8), not in optax, stores
+  that moment block-quantized (`quantization.py`) as a `QuantizedMoment`,
+  where the leaf `quantizes` (smaller leaves keep float32). The step reads
+  it back exactly as float32, computes as for float32 state, and stores it
+  once: mu and nu to the nearest code (stochastically with
+  `stochastic_rounding`, by the 16-bit stores' bits), nu_max up, so that it
+  never reads back below the exact running maximum.
 * Values are computed in the leaves' promoted dtype raised to at least float32
   (float32 for bfloat16/float16/float32 leaves, float64 for float64 leaves)
   and rounded once, to each output's dtype, at the end.

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 import pallas_amsgrad
-from pallas_amsgrad import _math
+from pallas_amsgrad import _math, _quantization
 from pallas_amsgrad.tools import cli, environment, verify
 
 
 def small_params():
     rng = np.random.default_rng(0)
     return {
-        "w": rng.normal(0, 0.05, (9, 130)).astype(np.float32),
+        # 4160 elements: 8-bit rows quantize it (one tail block per row).
+        "w": rng.normal(0, 0.05, (32, 130)).astype(np.float32),
         "b": np.zeros(3, np.float32),
     }
 
@@ -53,23 +54,25 @@ def test_cli_prints_table_and_exits_zero(cli_run):
     # recipe with float32 params (and optax's composition), bfloat16 mu, nu
     # and nu_max for float32 params (no optax), and stochastic rounding of
     # bfloat16 params and state (no optax).
-    assert out.startswith("pallas-amsgrad verify (quick: 6 of 20 configurations")
-    assert len(rows) == 9 + 3 + 2 + 2
+    assert out.startswith("pallas-amsgrad verify (quick: 7 of 24 configurations")
+    assert len(rows) == 9 + 3 + 2 + 2 + 2  # And 8-bit state (no optax).
     assert {row.split()[0] for row in rows} == set(verify.PARAM_DTYPES)
     assert sum(" recipe " in row for row in rows) == 3
     assert sum(row.split()[3] == "sr" for row in rows) == 2
     assert sum(row.split()[2] == "bfloat16" for row in rows) == 2
-    assert "FAIL" not in out and out.rstrip().endswith("16 passed, 0 failed")
+    eight_bit = [row for row in rows if row.split()[1:3] == ["int8", "uint8"]]
+    assert len(eight_bit) == 2 and all("8-bit codes" in row for row in eight_bit)
+    assert "FAIL" not in out and out.rstrip().endswith("18 passed, 0 failed")
 
 
 def test_json_file_beside_the_table(cli_run):
     _, out, run, params = cli_run
-    assert "16 passed, 0 failed" in out
-    assert run["passed"] == len(run["rows"]) == 16
+    assert "18 passed, 0 failed" in out
+    assert run["passed"] == len(run["rows"]) == 18
     assert run["inputs"]["grid"] == "quick"
-    assert len(run["inputs"]["configurations"]) == 6
+    assert len(run["inputs"]["configurations"]) == 7
     assert run["inputs"]["params"] == str(params)
-    assert run["inputs"]["parameters"] == 9 * 130 + 3
+    assert run["inputs"]["parameters"] == 32 * 130 + 3
     assert {r["contender"] for r in run["rows"]} == {"pallas", "xla", "optax"}
     for key in ("jax", "jaxlib", "optax", "backend", "devices", "pallas_amsgrad"):
         assert run["environment"][key]
@@ -123,24 +126,24 @@ def test_full_grid_fails_a_wrong_contender_streaming_rows_in_order(monkeypatch, 
     monkeypatch.setattr(verify, "format_row", format_row)
     assert cli.main(["verify", "--full", "--steps", "2", "--jobs", "1"]) == 1
     configurations = verify.CONFIGURATIONS
-    assert len(configurations) == 20
+    assert len(configurations) == 24
     assert streamed[0][1].out.startswith(
-        "pallas-amsgrad verify (the full grid, 20 configurations) on cpu"
+        "pallas-amsgrad verify (the full grid, 24 configurations) on cpu"
     )
     rows = [row for row, _ in streamed]
     assert [r["contender"] for r in rows if r["contender"] != "optax"] == [
         "wrong-b1"
-    ] * 20
+    ] * 24
     assert not any(r["passed"] for r in rows if r["contender"] == "wrong-b1")
     assert all(r["passed"] for r in rows if r["contender"] == "optax")
     first_row = 0
     for number, config in enumerate(configurations, 1):
         progress = streamed[first_row][1].err
-        assert f"[{number}/20] {config.describe()};" in progress
+        assert f"[{number}/24] {config.describe()};" in progress
         first_row += 1 + config.with_optax
     assert first_row == len(rows)
     summary = capsys.readouterr().out.rstrip()
-    assert summary.endswith(f"{sum(r['passed'] for r in rows)} passed, 20 failed")
+    assert summary.endswith(f"{sum(r['passed'] for r in rows)} passed, 24 failed")
 
 
 def test_the_quick_run_takes_one_leaf_of_each_kind():
@@ -205,6 +208,23 @@ def test_a_step_that_is_not_skipped_fails_the_recipe_rows():
     )
     failed = {(r.params, r.options) for r in rows if not r.passed}
     assert failed == {(dtype, "recipe") for dtype in verify.PARAM_DTYPES}
+
+
+def test_8_bit_rows_fail_nu_max_rounded_to_nearest(monkeypatch):
+    """The 8-bit rows allow a code one off the spec's only at a rounding
+    threshold: a contender that stores nu_max to the nearest code instead of
+    up (the maximum could then fall) fails them, and nothing else."""
+    monkeypatch.setattr(_quantization, "roundings", lambda operands: ("nearest",) * 3)
+    configurations = [c for c in verify.CONFIGURATIONS if c.quantized]
+    rows = verify.verify(
+        params=small_params(),
+        steps=2,
+        implementations=("xla",),
+        configurations=configurations,
+    )
+    assert rows and not any(r.passed for r in rows)
+    assert all("codes (up) off the spec's" in r.note for r in rows), rows
+    assert not any("codes (nearest)" in r.note for r in rows), rows
 
 
 def test_json_only_on_stdout(monkeypatch, capsys):

@@ -219,15 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--mu-dtype",
         default=None,
-        choices=["float32", "bfloat16"],
-        help="default: param",
+        choices=["float32", "bfloat16", "int8"],
+        help="default: param; int8: 8-bit block-quantized mu (this package; "
+        "optax and torch keep mu in the param dtype)",
     )
     bench.add_argument(
         "--nu-dtype",
         default=None,
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "uint8"],
         help="nu and nu_max's storage in this package's step (optax and torch "
-        "have no such option); default: param",
+        "have no such option); uint8: 8-bit block-quantized; default: param",
     )
     bench.add_argument(
         "--stochastic-rounding",

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import amsgrad_spec as spec
+from pallas_amsgrad import _quantization
 
 
 def amsgrad_kwargs(hp: spec.Hyperparams) -> dict:
@@ -40,7 +42,17 @@ def option_kwargs(hp: spec.Hyperparams) -> dict:
     if hp.stochastic_rounding:
         options["stochastic_rounding"] = True
         options["seed"] = hp.seed
+    if quantizes(hp) and hp.quantization_block != spec.QUANTIZATION_BLOCK:
+        options["quantization_block"] = hp.quantization_block
     return options | recipe_kwargs(hp)
+
+
+def quantizes(hp: spec.Hyperparams) -> bool:
+    """Whether `hp` asks for 8-bit state (which optax does not have)."""
+    return any(
+        d is not None and jnp.dtype(d) in _quantization.QUANTIZED_DTYPES
+        for d in (hp.mu_dtype, hp.nu_dtype)
+    )
 
 
 def recipe_kwargs(hp: spec.Hyperparams) -> dict:
@@ -67,11 +79,12 @@ def optimizer(hp: spec.Hyperparams) -> optax.GradientTransformation:
 
     optax has no `nu_dtype`: for such an `hp` there is no optax optimizer
     (`init` gives the state it would have)."""
-    if hp.nu_dtype is not None or hp.stochastic_rounding:
+    if hp.nu_dtype is not None or hp.stochastic_rounding or quantizes(hp):
         raise ValueError(
-            f"optax has no nu_dtype or stochastic rounding (hp.nu_dtype="
-            f"{hp.nu_dtype}, hp.stochastic_rounding={hp.stochastic_rounding}): "
-            "no optax optimizer stands for this hp"
+            f"optax has no nu_dtype, stochastic rounding or 8-bit state "
+            f"(hp.mu_dtype={hp.mu_dtype}, hp.nu_dtype={hp.nu_dtype}, "
+            f"hp.stochastic_rounding={hp.stochastic_rounding}): no optax "
+            "optimizer stands for this hp"
         )
     return amsgrad(**amsgrad_kwargs(hp), **recipe_kwargs(hp))
 
@@ -119,6 +132,8 @@ def init(params, hp: spec.Hyperparams):
     """The composition's initial state, with nu and nu_max in `hp.nu_dtype`
     where set: what optax would carry if it had nu_dtype, and what
     pallas_amsgrad.amsgrad(**pallas_kwargs(hp)).init must return."""
+    if quantizes(hp):
+        return optax_state_of(spec.init_state(params, hp), hp, params)
     state = optimizer(_with_optax_dtypes(hp)).init(params)
     if hp.nu_dtype is None:
         return state
@@ -134,9 +149,29 @@ def init(params, hp: spec.Hyperparams):
 
 
 def _with_optax_dtypes(hp: spec.Hyperparams) -> spec.Hyperparams:
-    """`hp` less what optax lacks (nu_dtype; stochastic rounding, which
-    changes no state's structure or dtype)."""
-    return dataclasses.replace(hp, nu_dtype=None, stochastic_rounding=False)
+    """`hp` less what optax lacks (nu_dtype, an 8-bit mu_dtype; stochastic
+    rounding, which changes no state's structure or dtype)."""
+    mu_dtype = None if quantizes(hp) else hp.mu_dtype
+    return dataclasses.replace(
+        hp, mu_dtype=mu_dtype, nu_dtype=None, stochastic_rounding=False
+    )
+
+
+def _moments_as(state, moment_of):
+    """`state` (an AMSGrad state) with each quantized moment converted."""
+    is_moment = lambda x: isinstance(  # noqa: E731
+        x, spec.QuantizedMoment | _quantization.QuantizedArray
+    )
+    return state._replace(
+        **{
+            name: jax.tree.map(
+                lambda x: moment_of(x) if is_moment(x) else x,
+                getattr(state, name),
+                is_leaf=is_moment,
+            )
+            for name in ("mu", "nu", "nu_max")
+        }
+    )
 
 
 def _inner(state, hp):
@@ -151,6 +186,7 @@ def amsgrad_state(state, hp: spec.Hyperparams) -> optax.ScaleByAmsgradState:
 def spec_state_of(state, hp: spec.Hyperparams):
     """The spec's state inside the composition's (or optax.amsgrad's)."""
     inner = spec.AmsgradState(*amsgrad_state(state, hp))
+    inner = _moments_as(inner, lambda q: spec.QuantizedMoment(q.codes, q.scales))
     if hp.max_consecutive_errors is None:
         return inner
     return spec.FiniteGuardState(
@@ -161,7 +197,12 @@ def spec_state_of(state, hp: spec.Hyperparams):
 def optax_state_of(spec_state, hp: spec.Hyperparams, params):
     """The composition's state holding the spec's: every schedule's count is
     the AMSGrad count (they advance together, and a skipped step stops all)."""
-    inner = _inner(spec_state, hp)
+    inner = _moments_as(
+        _inner(spec_state, hp),
+        lambda q: _quantization.QuantizedArray(
+            q.codes, q.scales, hp.quantization_block
+        ),
+    )
 
     def filled(part):
         if isinstance(part, optax.ScaleByAmsgradState):

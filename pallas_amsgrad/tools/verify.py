@@ -114,12 +114,21 @@ class Configuration:
     stochastic: bool = False  # 16-bit stores rounded stochastically.
 
     @property
+    def quantized(self) -> bool:
+        """8-bit block-quantized mu or nu (`mu_dtype=int8`, `nu_dtype=uint8`)."""
+        return "int8" in (self.mu_name, self.nu_name) or "uint8" in (
+            self.mu_name,
+            self.nu_name,
+        )
+
+    @property
     def with_optax(self) -> bool:
-        """optax has no nu_dtype nor stochastic rounding, and sums float16
-        gradients' norm in float16."""
+        """optax has no nu_dtype nor stochastic rounding nor 8-bit state, and
+        sums float16 gradients' norm in float16."""
         return (
             self.nu_name is None
             and not self.stochastic
+            and not self.quantized
             and not (self.recipe and self.param_dtype == "float16")
         )
 
@@ -145,6 +154,11 @@ CONFIGURATIONS = (
     # and state, and float32 params with bfloat16 moments.
     *(Configuration(p, None, stochastic=True) for p in ("bfloat16", "float16")),
     Configuration("float32", "bfloat16", "bfloat16", stochastic=True),
+    # 8-bit block-quantized state (docs/quantized-state.md): float32 and
+    # bfloat16 params, with the recipe, and rounded stochastically.
+    *(Configuration(p, "int8", "uint8") for p in ("float32", "bfloat16")),
+    Configuration("float32", "int8", "uint8", recipe=True),
+    Configuration("bfloat16", "int8", "uint8", stochastic=True),
 )
 # The default run, a representative subset: every param dtype with its
 # default mu_dtype, and one row each of the recipe, the lean state and
@@ -154,6 +168,7 @@ QUICK_CONFIGURATIONS = (
     Configuration("float32", None, recipe=True),
     Configuration("float32", "bfloat16", "bfloat16"),
     Configuration("bfloat16", None, stochastic=True),
+    Configuration("float32", "int8", "uint8"),
 )
 # The quick run's leaves of DEFAULT_MODEL, one of each kind the kernels
 # block differently: rows of 64 lanes, a matrix wider than 128 lanes, a
@@ -219,6 +234,77 @@ class _Worst:
     compared: int = 0
     left_out: int = 0
     mismatches: list[str] = dataclasses.field(default_factory=list)
+    codes_compared: int = 0
+    codes_one_apart: int = 0  # 8-bit codes one code from the spec's.
+
+    def add_quantized(
+        self,
+        actual_tree,
+        expected_tree,
+        scale_tree,
+        exact_tree,
+        roundings,
+        bound,
+        block,
+    ) -> None:
+        """Adds one step's moments where some are 8-bit. Their scales must
+        equal the spec's, and their codes too, except one code off where the
+        spec's exact value (`exact_tree`, before it is stored) lies within
+        `bound` float32 ULPs of the threshold between the two codes (to
+        nearest: their midpoint; up: the lower code's value), where a
+        last-bit difference of the float step may cross it; stochastic
+        rounding's thresholds are random, so there one code off is allowed.
+        Float moments (small leaves) as `add`. `roundings` are the three
+        moments' ("nearest", "up" or "stochastic"); `block` the quantization
+        block."""
+
+        def is_moment(x):
+            return isinstance(x, spec.QuantizedMoment)
+
+        for rounding, moments in zip(
+            roundings,
+            zip(actual_tree, expected_tree, scale_tree, exact_tree, strict=True),
+            strict=True,
+        ):
+            leaves = [jax.tree.leaves(t, is_leaf=is_moment) for t in moments]
+            for a, e, s, x in zip(*leaves, strict=True):
+                if not is_moment(e):
+                    self.add(a, e, s)
+                    continue
+                self._add_codes(a, e, x, rounding, bound, block)
+
+    def _add_codes(self, actual, expected, exact, rounding, bound, block) -> None:
+        a_scales, e_scales = np.asarray(actual.scales), np.asarray(expected.scales)
+        if not np.array_equal(a_scales, e_scales):
+            blocks = int(np.sum(a_scales != e_scales))
+            self.mismatches.append(f"{blocks} block scales != spec's")
+            return
+        codes = np.asarray(actual.codes, np.int32)
+        apart = np.abs(codes - np.asarray(expected.codes, np.int32))
+        self.codes_compared += apart.size
+        off = apart != 0
+        if not off.any():
+            return
+        code_map = spec.MU_MAP if expected.codes.dtype == jnp.int8 else spec.NU_MAP
+        values = [  # The scales are equal: both codes read on them.
+            np.asarray(spec.dequantize(c, expected.scales, code_map, block), np.float64)
+            for c in (actual.codes, expected.codes)
+        ]
+        x = np.asarray(exact, np.float32)
+        if rounding == "nearest":
+            threshold = (values[0] + values[1]) / 2
+        else:
+            threshold = np.minimum(values[0], values[1])
+        ulp = np.spacing(np.abs(x)).astype(np.float64)
+        near = np.abs(x.astype(np.float64) - threshold) <= bound * ulp
+        allowed = (apart <= 1) & (near | (rounding == "stochastic"))
+        self.codes_one_apart += int(np.sum(off & allowed))
+        if not np.all(allowed[off]):
+            worst = int(apart.max())
+            self.mismatches.append(
+                f"{int(np.sum(off & ~allowed))} codes ({rounding}) off the "
+                f"spec's away from a rounding threshold (up to {worst} apart)"
+            )
 
     def add_exact(self, actual, expected, what: str) -> None:
         """Adds values that must match exactly (counts, the guard's flags)."""
@@ -339,6 +425,7 @@ def verify(
     ]
     # One program per configuration each, rather than an op at a time.
     reference = jax.jit(_reference, static_argnums=3)
+    exact_moments = jax.jit(_exact_moments, static_argnums=3)
     optax_state_of = jax.jit(composition.optax_state_of, static_argnums=1)
     start = time.perf_counter()
 
@@ -357,6 +444,7 @@ def verify(
             learning_rate,
             implementations,
             reference,
+            exact_moments,
             optax_state_of,
         )
 
@@ -397,6 +485,7 @@ def _verify_configuration(
     learning_rate: float,
     implementations: Sequence,
     reference: Callable,
+    exact_moments: Callable,
     optax_state_of: Callable,
 ) -> list[Row]:
     """One configuration's rows: each contender's worst error over the steps."""
@@ -422,11 +511,11 @@ def _verify_configuration(
     with_optax = config.with_optax
     if with_optax:
         optax_update = jax.jit(composition.optimizer(hp).update)
-    # optax rounds intermediates to the leaf dtype and keeps b1 * mu in
-    # mu_dtype: its error is counted in the one with fewer mantissa bits.
-    narrowest = min(
-        (param_dtype, mu_name or param_dtype), key=lambda d: jnp.finfo(d).nmant
-    )
+        # optax rounds intermediates to the leaf dtype and keeps b1 * mu in
+        # mu_dtype: its error is counted in the one with fewer mantissa bits.
+        narrowest = min(
+            (param_dtype, mu_name or param_dtype), key=lambda d: jnp.finfo(d).nmant
+        )
     worst = {name: _Worst() for name in contenders}
     if with_optax:
         worst["optax"] = _Worst()
@@ -439,12 +528,28 @@ def _verify_configuration(
         nan = config.recipe and step == steps // 2 + 1
         grads = _gradients(typed, param_dtype, rng, zero, nan)
         expected, want, scale_new, scales = reference(grads, state, typed, hp)
+        if config.quantized:
+            exact = exact_moments(grads, state, typed, hp)
         contender_state = optax_state_of(state, hp, typed)
         for name in contenders:
             updates, new_state = updates_fns[name](grads, contender_state, typed)
             new_params, _ = step_fns[name](grads, contender_state, typed)
             new_state = composition.spec_state_of(new_state, hp)
-            worst[name].add((updates, _moments(new_state), new_params), want, scales)
+            if config.quantized:
+                worst[name].add((updates, new_params), want[::2], scales[::2])
+                worst[name].add_quantized(
+                    _moments(new_state),
+                    want[1],
+                    scales[1],
+                    exact,
+                    ("stochastic" if config.stochastic else "nearest",) * 2 + ("up",),
+                    ulps.DEPLOYED_IMPLEMENTATION_ULPS["float32"],
+                    hp.quantization_block,
+                )
+            else:
+                worst[name].add(
+                    (updates, _moments(new_state), new_params), want, scales
+                )
             _add_bookkeeping(worst[name], new_state, expected[1])
         if with_optax:
             optax_updates, optax_new = optax_update(grads, contender_state, typed)
@@ -490,6 +595,29 @@ def _reference(grads, state, params, hp):
     return expected, want, scale_new, scales
 
 
+def _exact_moments(grads, state, params, hp):
+    """The spec's new moments before an 8-bit store: its step from the same
+    state read back, with float32 storage where `hp` has 8 bits."""
+
+    def wide(dtype):
+        quantized = dtype is not None and jnp.dtype(dtype) in (
+            jnp.dtype(jnp.int8),
+            jnp.dtype(jnp.uint8),
+        )
+        return jnp.float32 if quantized else dtype
+
+    float_hp = dataclasses.replace(
+        hp, mu_dtype=wide(hp.mu_dtype), nu_dtype=wide(hp.nu_dtype)
+    )
+    is_moment = lambda x: isinstance(x, spec.QuantizedMoment)  # noqa: E731
+    read = jax.tree.map(
+        lambda x: spec.read_moment(x, hp) if is_moment(x) else x,
+        state,
+        is_leaf=is_moment,
+    )
+    return _moments(spec.update(grads, read, float_hp, params)[1])
+
+
 def _with_abs_mu(spec_state):
     """`spec_state` with |mu| for mu."""
     inner = _amsgrad_part(spec_state)
@@ -518,6 +646,11 @@ def _row(config: Configuration, contender: str, result: _Worst) -> Row:
     if result.left_out:
         notes.append(
             f"{result.left_out} values out of float16's range in optax left out"
+        )
+    if result.codes_compared:
+        notes.append(
+            f"{result.codes_compared} 8-bit codes, {result.codes_one_apart} one "
+            "code from the spec's"
         )
     if not result.compared:
         notes.append("no values compared")

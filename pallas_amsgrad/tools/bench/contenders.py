@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import pallas_amsgrad
-from pallas_amsgrad import _implementations
+from pallas_amsgrad import _implementations, _quantization
 from pallas_amsgrad.kernels import common
 from pallas_amsgrad.tools.workloads import Shapes
 
@@ -28,11 +28,29 @@ ROOFLINE = "roofline"
 ROOFLINE_KIND = "copy"
 
 
+def _state_bytes(state_dtype, dtype) -> float:
+    """Bytes per parameter of one moment: its dtype's, or for 8-bit
+    block-quantized state one code plus a float32 scale per block (a large
+    leaf's; leaves under 4096 elements keep float32)."""
+    state_dtype = jnp.dtype(state_dtype or dtype)
+    if state_dtype in _quantization.QUANTIZED_DTYPES:
+        return 1 + 4 / _quantization.QUANTIZATION_BLOCK
+    return state_dtype.itemsize
+
+
+def _read_dtype(state_dtype, dtype):
+    """The dtype a moment is read as: 8-bit codes as float32."""
+    state_dtype = jnp.dtype(state_dtype or dtype)
+    if state_dtype in _quantization.QUANTIZED_DTYPES:
+        return jnp.dtype(jnp.float32)
+    return state_dtype
+
+
 def min_bytes_per_param(
     dtype, mu_dtype, job: str, recipe: bool = False, nu_dtype=None
-) -> int:
+) -> float:
     """The least a `job` must read and write per parameter (nu and nu_max in
-    `nu_dtype`, where given).
+    `nu_dtype`, where given; 8-bit state as codes and scales).
 
     step: read param, grad, mu, nu, nu_max; write param, mu, nu, nu_max.
     update: read grad, mu, nu, nu_max; write update, mu, nu, nu_max.
@@ -45,9 +63,11 @@ def min_bytes_per_param(
         extra = p + (p if job == "update" else 0)
         return min_bytes_per_param(dtype, mu_dtype, job, nu_dtype=nu_dtype) + extra
     p = jnp.dtype(dtype).itemsize
-    m = jnp.dtype(mu_dtype or dtype).itemsize
-    n = jnp.dtype(nu_dtype or dtype).itemsize
-    update_dtype = jnp.result_type(dtype, mu_dtype or dtype, nu_dtype or dtype)
+    m = _state_bytes(mu_dtype, dtype)
+    n = _state_bytes(nu_dtype, dtype)
+    update_dtype = jnp.result_type(
+        dtype, _read_dtype(mu_dtype, dtype), _read_dtype(nu_dtype, dtype)
+    )
     u = jnp.dtype(update_dtype).itemsize
     moments = 2 * (m + 2 * n)  # mu, nu, nu_max read and written.
     if job == "step":
@@ -72,7 +92,14 @@ class Config:
     # round to nearest.
     stochastic_rounding: bool = False
 
-    def min_bytes_per_param(self, job: str) -> int:
+    @property
+    def optax_mu_dtype(self) -> str | None:
+        """The mu_dtype of the optax and torch contenders: the same, except
+        that for 8-bit state (which they do not have) their full-precision
+        state, in the param dtype."""
+        return None if self.mu_dtype == "int8" else self.mu_dtype
+
+    def min_bytes_per_param(self, job: str) -> float:
         return min_bytes_per_param(
             self.dtype, self.mu_dtype, job, self.recipe, self.nu_dtype
         )
@@ -93,10 +120,10 @@ RECIPE = dict(
 def optax_reference(config: Config) -> optax.GradientTransformation:
     """optax.amsgrad, or with the recipe the optax composition it fuses."""
     if not config.recipe:
-        return optax.amsgrad(LEARNING_RATE, mu_dtype=config.mu_dtype)
+        return optax.amsgrad(LEARNING_RATE, mu_dtype=config.optax_mu_dtype)
     inner = optax.chain(
         optax.clip_by_global_norm(RECIPE["max_grad_norm"]),
-        optax.scale_by_amsgrad(mu_dtype=config.mu_dtype),
+        optax.scale_by_amsgrad(mu_dtype=config.optax_mu_dtype),
         optax.add_decayed_weights(RECIPE["weight_decay"], RECIPE["mask"]),
         optax.scale_by_learning_rate(LEARNING_RATE),
     )
@@ -232,7 +259,7 @@ def roofline_pass(shapes, config):
     it into a kernel per output and read the gradients again for each.
     """
     parameters = sum(math.prod(s) for s in shapes.values())
-    words = max(1, parameters * config.min_bytes_per_param("step") // 8)
+    words = max(1, int(parameters * config.min_bytes_per_param("step") // 8))
     copy = jax.jit(lambda buffer: buffer + jnp.uint32(1), donate_argnums=0)
     carry = [jnp.zeros((words,), jnp.uint32)]
 
@@ -267,7 +294,7 @@ def torch_device() -> str:
 def _torch_fused(shapes, config):
     import torch
 
-    if config.mu_dtype not in (None, config.dtype):
+    if config.optax_mu_dtype not in (None, config.dtype):
         raise ValueError("torch keeps mu in the parameter dtype")
     dtype = getattr(torch, config.dtype)
     device = torch_device()

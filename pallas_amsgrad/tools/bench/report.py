@@ -53,6 +53,8 @@ def _nu_dtype(config: dict) -> str:
     """ ", nu_dtype bfloat16 (this package; optax and torch: param)", and
     the stochastic rounding, or ""."""
     text = ""
+    if config.get("mu_dtype") == "int8":
+        text += " (8-bit, this package; optax and torch keep mu in the param dtype)"
     if config.get("nu_dtype"):
         text += (
             f", nu_dtype {config['nu_dtype']} (this package; optax and torch keep "
