@@ -50,6 +50,43 @@ def test_min_bytes_per_param_with_16_bit_nu(mu_dtype, job, expected):
     assert config.min_bytes_per_param(job) == expected
 
 
+@pytest.mark.parametrize(
+    "dtype, job, expected",
+    [
+        # float32: param read and written, grad read, 3 x (code + scale/256)
+        # each way: about 18.1 bytes (docs/quantized-state.md).
+        ("float32", "step", 12 + 6 * (1 + 4 / 256)),
+        # The update is float32: 8-bit moments are read as float32.
+        ("bfloat16", "update", 2 + 4 + 6 * (1 + 4 / 256)),
+        ("bfloat16", "step", 6 + 6 * (1 + 4 / 256)),
+    ],
+)
+def test_min_bytes_per_param_with_8_bit_state(dtype, job, expected):
+    config = contenders.Config(dtype, "int8", nu_dtype="uint8")
+    assert config.min_bytes_per_param(job) == pytest.approx(expected)
+    assert config.optax_mu_dtype is None  # Peers keep mu in the param dtype.
+
+
+def test_bench_with_8_bit_state_runs_every_contender(tmp_path, capsys):
+    """--mu-dtype int8 --nu-dtype uint8: this package's step with 8-bit
+    state beside optax's (full-precision state), and the table says so."""
+    out = tmp_path / "run.json"
+    args = ["bench", "--sizes", "8K", "--models", "", "--rounds", "1", "--no-torch"]
+    options = ["--mu-dtype", "int8", "--nu-dtype", "uint8"]
+    assert cli.main([*args, *options, "--json", str(out), "--png", ""]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "(8-bit, this package; optax and torch keep mu in the param dtype)" in printed
+    )
+    run = json.loads(out.read_text())
+    assert run["config"]["mu_dtype"] == "int8"
+    names = {case["contender"] for case in run["cases"]}
+    assert any(name.startswith("optax") for name in names)
+    assert all(not case["note"].startswith("skipped") for case in run["cases"]), run[
+        "cases"
+    ]
+
+
 @pytest.mark.slow
 def test_bench_with_16_bit_nu_runs_every_contender(tmp_path, capsys):
     """--nu-dtype narrows this package's state and --stochastic-rounding
