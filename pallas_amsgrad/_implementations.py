@@ -301,17 +301,25 @@ def for_device(implementation: Implementation, device) -> Implementation:
 
 
 def for_group(
-    implementation: Implementation, operands: Any, compute: Any, *, by_default: bool
+    implementation: Implementation,
+    operands: Any,
+    compute: Any,
+    *,
+    chosen_for: str | None = None,
 ) -> Implementation:
     """What runs one dtype group: the XLA path for complex leaves (the
-    kernels are written for real dtypes), and for 8-bit state where the
-    default chose a kernel (which does not take it yet); else
-    `implementation`."""
-    xla_path = IMPLEMENTATIONS["xla"]
+    kernels are written for real dtypes); else `implementation`, where the
+    default chose a kernel (`chosen_for`, the device's platform) lowered
+    for that platform alone if the group has 8-bit state (`Pallas()` would
+    also trace the GPU kernel, which does not take it)."""
     if jnp.issubdtype(compute, jnp.complexfloating):
-        return xla_path
-    if by_default and operands.quantizes and isinstance(implementation, Pallas):
-        return xla_path
+        return IMPLEMENTATIONS["xla"]
+    if (
+        chosen_for is not None
+        and operands.quantizes
+        and isinstance(implementation, Pallas)
+    ):
+        return dataclasses.replace(implementation, platforms=(chosen_for,))
     return implementation
 
 

@@ -199,18 +199,34 @@ def encode(x, field, cmap: CodeMap, rounding: str, random=None) -> jax.Array:
     )
     negative = (raw < 0) & ~zero
     if rounding == "nearest":
-        rounded = jnp.round(n)
+        rounded = round_half_even(n)
     elif rounding == "up":
         rounded = jnp.where(negative, jnp.floor(n), jnp.ceil(n))
         rounded = jnp.where(tiny & ~negative & ~zero, 1.0, rounded)
     else:
         below = jnp.floor(n)
-        r = (jnp.asarray(random, jnp.uint32) >> 8).astype(jnp.float32)
+        # Through int32: Mosaic converts signed integers to float, not unsigned.
+        r = _as_int32(jnp.asarray(random, jnp.uint32) >> 8).astype(jnp.float32)
         rounded = below + jnp.where(r < (n - below) * 2.0**24, 1.0, 0.0)
     code = jnp.where(zero, 0, (binade << m) + rounded.astype(jnp.int32))
     code = jnp.where(negative, -code, code)
     finite = (field > 0) & (field < _INFINITE_FIELD)
     return jnp.where(finite, code, 0).astype(cmap.dtype)
+
+
+def round_half_even(n) -> jax.Array:
+    """A float32 n >= 0 rounded to an integer, ties to even, by floor and
+    exact float32 arithmetic: Mosaic TPU does not lower `jnp.round`'s
+    roundeven on every chip, and XLA folds (n + 2^23) - 2^23 back to n."""
+    below = jnp.floor(n)
+    fraction = n - below
+    odd = below - 2.0 * jnp.floor(below * 0.5) == 1.0
+    up = (fraction > 0.5) | ((fraction == 0.5) & odd)
+    return below + jnp.where(up, 1.0, 0.0)
+
+
+def _as_int32(x) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.int32)
 
 
 def decode(codes, field, cmap: CodeMap) -> jax.Array:
@@ -232,14 +248,24 @@ def decode(codes, field, cmap: CodeMap) -> jax.Array:
     return jnp.where(field >= _INFINITE_FIELD, jnp.nan, value)
 
 
+def block_absmax(x, valid=None) -> jax.Array:
+    """`magnitude_bits` of each block's max |x| (the last axis kept, of size
+    1), NaN taken as inf. `valid` (bool, broadcasting) masks out what is not
+    part of the block (a tail's padding).
+
+    Reduced as float32, which every backend reduces along lanes: for these
+    bits (no subnormal, nothing above inf) float order is integer order."""
+    bits = jnp.minimum(magnitude_bits(x), _INFINITY_BITS)
+    if valid is not None:
+        bits = jnp.where(valid, bits, 0)
+    magnitudes = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return _bits(jnp.max(magnitudes, axis=-1, keepdims=True))
+
+
 def quantize_blocks(x, cmap: CodeMap, rounding: str, random=None, valid=None):
     """(codes, scale fields) of x (float32) whose last axis is one block;
-    the fields keep that axis with size 1. `valid` (bool, broadcasting)
-    masks out what is not part of the block (a tail's padding)."""
-    absmax = magnitude_bits(x)
-    if valid is not None:
-        absmax = jnp.where(valid, absmax, 0)
-    field = scale_field(jnp.max(absmax, axis=-1, keepdims=True), cmap)
+    the fields keep that axis with size 1. `valid` as in `block_absmax`."""
+    field = scale_field(block_absmax(x, valid), cmap)
     return encode(x, field, cmap, rounding, random), field
 
 
@@ -299,13 +325,31 @@ def roundings(operands) -> tuple[str, str, str]:
 def read_leaf(leaf, operands, dtype) -> list[jax.Array]:
     """A whole leaf's inputs (`operands` order) in `dtype`, each quantized
     moment dequantized: the inputs of `operands.decoded()`."""
+
+    def dequantized(codes, scales):
+        return dequantize(QuantizedArray(codes, scales, operands.block))
+
+    return _read(leaf, operands, dtype, dequantized)
+
+
+def read_blocks(blocks, operands, dtype) -> list[jax.Array]:
+    """`read_leaf` for blocks whose last axis is one quantization block: each
+    quantized moment's scales given as exponent fields (`field_of`) with that
+    axis of size 1."""
+
+    def decoded(codes, field):
+        return decode(codes, field, code_map(codes.dtype))
+
+    return _read(blocks, operands, dtype, decoded)
+
+
+def _read(leaf, operands, dtype, dequantized) -> list[jax.Array]:
     param, grad, *moments = operands.split(leaf)
     read = [] if param is None else [param]
     read.append(grad)
     for moment in moments:
         if isinstance(moment, tuple):
-            codes, scales = moment
-            moment = dequantize(QuantizedArray(codes, scales, operands.block))
+            moment = dequantized(*moment)
         read.append(moment)
     return [jnp.asarray(x, dtype) for x in read]
 
@@ -316,6 +360,23 @@ def store_leaf(
     """A whole leaf's four outputs (first, mu, nu, nu_max; unrounded, in the
     compute dtype) stored as `operands.outputs`, of `out_dtypes`: quantized
     moments as codes and scales, the rest rounded by `_rounding.store`."""
+
+    def quantized(x, cmap, rounding, random):
+        leaf = quantize(x, cmap, rounding, random, operands.block)
+        return leaf.codes, leaf.scales
+
+    return _store(outputs, out_dtypes, operands, keys, index, quantized, differentiable)
+
+
+def store_blocks(
+    outputs, out_dtypes, operands, keys=None, index=None
+) -> tuple[jax.Array, ...]:
+    """`store_leaf` for outputs whose last axis is one quantization block:
+    each quantized moment's scales as exponent fields, that axis of size 1."""
+    return _store(outputs, out_dtypes, operands, keys, index, quantize_blocks)
+
+
+def _store(outputs, out_dtypes, operands, keys, index, quantized, differentiable=False):
     named = dict(zip(operands.outputs, out_dtypes, strict=True))
     plain = [j for j in range(4) if j == 0 or not operands.quantized[j - 1]]
     names = ("first", "mu", "nu", "nu_max")
@@ -343,14 +404,7 @@ def store_leaf(
             if hashed is None:
                 hashed = _rounding.mix32(index() if callable(index) else index)
             random = _rounding.mix32(keys[j] ^ hashed)
-        quantized = quantize(
-            outputs[j],
-            code_map(named[names[j]]),
-            rounding,
-            random,
-            operands.block,
-        )
-        stored[j] = (quantized.codes, quantized.scales)
+        stored[j] = quantized(outputs[j], code_map(named[names[j]]), rounding, random)
     return operands.join_outputs(*(stored[j] for j in range(4)))
 
 

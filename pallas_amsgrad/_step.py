@@ -160,10 +160,12 @@ def fused_update(
     _validation.check_trees(grads, checked)
     step_operands = _math.STEP if apply_to_params else _math.UPDATE
     arrays = jax.tree.leaves((grads, params, state))
-    by_default = isinstance(implementation, _implementations.Default)
-    implementation = _implementations.for_device(
-        implementation, _implementations.placed_device(arrays)
-    )
+    device = _implementations.placed_device(arrays)
+    # The platform `implementation=None` chose for, or None where it was given.
+    chosen_for = None
+    if isinstance(implementation, _implementations.Default):
+        chosen_for = _implementations.Target.of(device).platform
+    implementation = _implementations.for_device(implementation, device)
     _implementations.check_platforms(implementation, arrays)
 
     count = optax.safe_increment(state.count)
@@ -273,7 +275,7 @@ def fused_update(
             )
         outputs = _sharding.per_shard(
             _implementations.for_group(
-                implementation, operands, compute, by_default=by_default
+                implementation, operands, compute, chosen_for=chosen_for
             ),
             coefficients.pack(compute),
             [inputs for _, inputs in members],

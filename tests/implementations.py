@@ -8,12 +8,14 @@ patched: the object carries its configuration.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import tolerances
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from jax.experimental.pallas import tpu as pltpu
 
@@ -53,6 +55,16 @@ def tpu_interpreted(block_rows: int, **overrides) -> pallas_amsgrad.Pallas:
         block_sizes=pallas_amsgrad.BlockSizes(block_rows),
         interpret_params=pltpu.InterpretParams(**(settings | overrides)),
     )
+
+
+@contextlib.contextmanager
+def race_checked():
+    """Fails if the TPU interpreter detected a data race in the kernels run."""
+    pltpu.reset_tpu_interpret_mode_state()
+    yield
+    races = interpret_pallas_call.races
+    assert races is not None, "no kernel ran in the TPU interpreter"
+    assert not races.races_found, "the TPU interpreter detected a data race"
 
 
 def gpu_interpreted(block_rows: int) -> pallas_amsgrad.Pallas:

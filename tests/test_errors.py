@@ -305,13 +305,21 @@ def test_state_of_another_storage_names_the_leaf(implementation):
         other_blocks.step(params, eight_bit.init(params), params)
 
 
-def test_kernels_without_8_bit_state_say_so():
-    """`Pallas()` lowers for TPU and GPU too, whose kernels do not take 8-bit
-    state yet: it says so and what runs it."""
-    params = {"w": jnp.ones((16, 300))}
-    opt = pallas_amsgrad.amsgrad(0.1, mu_dtype=jnp.int8, implementation="pallas")
-    with pytest.raises(NotImplementedError, match=r"implementation='xla' or None"):
-        opt.step(params, opt.init(params), params)
+@pytest.mark.parametrize(
+    "implementation",
+    ["pallas", pallas_amsgrad.Pallas(platforms=("cuda",))],
+    ids=["any-platform", "cuda"],
+)
+def test_gpu_kernel_without_8_bit_state_says_so(implementation):
+    """The GPU kernel does not take 8-bit state yet: `Pallas()`, which also
+    lowers for GPU, and `Pallas(platforms=("cuda",))` say so and what runs it."""
+    params = {"w": jax.ShapeDtypeStruct((16, 300), jnp.float32)}
+    opt = pallas_amsgrad.amsgrad(0.1, mu_dtype=jnp.int8, implementation=implementation)
+    state = jax.eval_shape(opt.init, params)
+    with pytest.raises(
+        NotImplementedError, match=r"cuda kernel .*implementation='xla' or None"
+    ):
+        jax.eval_shape(opt.step, params, state, params)
 
 
 def test_convert_state_needs_an_amsgrad_state():

@@ -439,8 +439,7 @@ def test_eight_bit_state_bytes():
 
 def test_pallas_interpreter_equals_xla_path():
     """Pallas' generic interpreter and the XLA path, bitwise, with every
-    option at once (the kernels on TPU and GPU do not take 8-bit state
-    yet: `Pallas()` lowered for them says so)."""
+    option at once (the TPU kernel's check is tests/test_tpu_quantized.py)."""
     rng = np.random.default_rng(4)
     params = {
         "w": jnp.asarray(rng.normal(size=(24, 600)), jnp.bfloat16),

@@ -9,7 +9,6 @@ compiler parameters; results are checked against the spec.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import jax
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 from implementations import (
     check_against_spec,
     optimizer,
+    race_checked,
     recipe_case,
     tpu_interpreted,
 )
@@ -37,16 +37,6 @@ pytestmark = pytest.mark.slow
 # Block rows on the interpreted TPU; the defaults (1024) would make every test
 # array a single block. Small blocks give multi-step grids on small arrays.
 TPU_BLOCK_ROWS = [16, 32]
-
-
-@contextlib.contextmanager
-def race_checked():
-    """Fails if the TPU interpreter detected a data race in the kernels run."""
-    pltpu.reset_tpu_interpret_mode_state()
-    yield
-    races = interpret_pallas_call.races
-    assert races is not None, "no kernel ran in the TPU interpreter"
-    assert not races.races_found, "the TPU interpreter detected a data race"
 
 
 @settings(max_examples=1)

@@ -3,11 +3,13 @@
 The body `amsgrad_kernel` loads a block of each operand, runs
 `_math.step_block` in the compute dtype and stores the results; the TPU,
 GPU and interpreted kernels differ only in how blocks reach it.
+`quantized_kernel` is the body for 8-bit state, block by quantization block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_amsgrad import _math, _rounding
+from pallas_amsgrad import _math, _quantization, _rounding
 
 LANES = 128
 # Rows of a block must tile bfloat16/float16 on TPU (16 sublanes when packed).
@@ -154,15 +156,21 @@ def group_aliases(
 
 # A scheduling hint, left out of mutation testing: results do not depend on it.
 def cost_estimate(
-    elements: int, in_dtypes: Sequence[jnp.dtype], out_dtypes: Sequence[jnp.dtype]
+    elements: int,
+    in_dtypes: Sequence[jnp.dtype],
+    out_dtypes: Sequence[jnp.dtype],
+    bytes_accessed: int | None = None,
 ) -> pl.CostEstimate:  # pragma: no mutate block
     """What a call costs, for XLA's scheduler: every array read or written
-    once, FLOPS_PER_ELEMENT flops and one sqrt per element."""
-    bytes_per_element = sum(np.dtype(d).itemsize for d in (*in_dtypes, *out_dtypes))
+    once, FLOPS_PER_ELEMENT flops and one sqrt per element. Arrays not of
+    the leaves' size (8-bit state's scales) need `bytes_accessed`."""
+    if bytes_accessed is None:
+        per_element = sum(np.dtype(d).itemsize for d in (*in_dtypes, *out_dtypes))
+        bytes_accessed = per_element * elements
     return pl.CostEstimate(
         flops=FLOPS_PER_ELEMENT * elements,
         transcendentals=elements,
-        bytes_accessed=bytes_per_element * elements,
+        bytes_accessed=bytes_accessed,
     )
 
 
@@ -210,6 +218,97 @@ def amsgrad_kernel(
     )
     for out_ref, value in zip(out_refs, stored, strict=True):
         out_ref[...] = value
+
+
+def quantized_kernel(
+    coefficients_ref,
+    *refs,
+    operands: _math.Operands,
+    keys: Sequence[jax.Array] | None = None,
+    index: Callable[[pl.Slice], jax.Array] | None = None,
+):
+    """The body where moments are block-quantized: each ref holds whole
+    quantization blocks along its last axis (whole rows, or a multiple of
+    `operands.block` columns) and each scales ref a column per block.
+
+    Per block, in a static loop: decode the moments with the block's scale,
+    run `step_block` in the compute dtype, encode each new moment with its
+    new max |x| (`_quantization.read_blocks`, `store_blocks`: the XLA path's
+    arithmetic). Where `operands` rounds stochastically, `index(columns)`
+    gives the flat index in the whole leaf (uint32) of each element of the
+    tile's `columns` (a static `pl.ds`).
+    """
+    in_refs, out_refs = refs[: len(operands.inputs)], refs[len(operands.inputs) :]
+    dtype = coefficients_ref.dtype
+    coefficients = _math.Coefficients.unpack(coefficients_ref)
+    out_dtypes = [ref.dtype for ref in out_refs]
+    # A skip keeps codes and scales bitwise: a select after the store, not
+    # one of decoded values that would then be encoded again.
+    applied = operands.decoded().with_terms(
+        dataclasses.replace(operands.terms, skip=False)
+    )
+    accept = accepts(coefficients_ref) if operands.terms.skip else None
+    scales = {
+        name: ref[...]
+        for name, ref in zip(operands.inputs, in_refs, strict=True)
+        if _is_scales(name)
+    }
+    fields = {}  # Per scales output, the tile's new exponent fields.
+    width = in_refs[0].shape[-1]
+    for column, start in enumerate(range(0, width, operands.block)):
+        columns = pl.ds(start, min(operands.block, width - start))
+        inputs = [
+            _scale_field(scales[name], column)
+            if _is_scales(name)
+            else ref[_last_axis(ref, columns)]
+            for name, ref in zip(operands.inputs, in_refs, strict=True)
+        ]
+        outputs = _math.step_block(
+            _quantization.read_blocks(inputs, operands, dtype), coefficients, applied
+        )
+        stored = _quantization.store_blocks(
+            outputs,
+            out_dtypes,
+            operands,
+            keys,
+            None if index is None else functools.partial(index, columns),
+        )
+        if accept is not None:
+            stored = _quantization.unless_accepted(stored, inputs, operands, accept)
+        for name, ref, value in zip(operands.outputs, out_refs, stored, strict=True):
+            if not _is_scales(name):
+                ref[_last_axis(ref, columns)] = value
+            elif column == 0:
+                fields[name] = jnp.broadcast_to(value, ref.shape)
+            else:
+                lanes = _lanes(ref.shape)
+                fields[name] = jnp.where(lanes == column, value, fields[name])
+    for name, ref in zip(operands.outputs, out_refs, strict=True):
+        if _is_scales(name):
+            ref[...] = _quantization.scales_of(fields[name])
+
+
+def _is_scales(name: str) -> bool:
+    return name.endswith("_scales")
+
+
+def _last_axis(ref, columns):
+    """An index of `ref` taking `columns` of its last axis, all of the rest."""
+    return (slice(None),) * (len(ref.shape) - 1) + (columns,)
+
+
+def _lanes(shape) -> jax.Array:
+    return jax.lax.broadcasted_iota(jnp.int32, tuple(shape), len(shape) - 1)
+
+
+def _scale_field(scales: jax.Array, column: int) -> jax.Array:
+    """The exponent field of a scales tile's `column`, its last axis kept
+    (size 1): picked by a lane mask and a max, which Mosaic lowers for any
+    column (scales are never negative)."""
+    if scales.shape[-1] > 1:
+        picked = jnp.where(_lanes(scales.shape) == column, scales, 0.0)
+        scales = jnp.max(picked, axis=-1, keepdims=True)
+    return _quantization.field_of(scales)
 
 
 def rows_index(

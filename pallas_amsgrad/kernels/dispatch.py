@@ -67,6 +67,15 @@ def amsgrad_pallas_group(
     if not nonempty:
         return results
     all_dtypes = [x.dtype for x in leaves[0]] + list(out_dtypes)
+    # The dtypes of the arrays whose blocks hold as many elements as the
+    # leaf's (8-bit state's scales hold one per quantization block).
+    blocked_dtypes = [
+        d
+        for name, d in zip(
+            (*operands.inputs, *operands.outputs), all_dtypes, strict=True
+        )
+        if not name.endswith("_scales")
+    ]
     arity = len(leaves[0])
     tables, whole_shapes = [], None
     if operands.rounds_stochastically:
@@ -74,17 +83,18 @@ def amsgrad_pallas_group(
         whole_shapes = tuple(streams.shapes[k] for k in nonempty)
 
     def branch(platform, interpret_as=False):
-        if operands.quantizes and platform in _GROUP_KERNELS:
+        if operands.quantizes and platform == "cuda":
             raise NotImplementedError(
                 f"the {platform} kernel does not take 8-bit state yet "
                 f"(mu_dtype=int8, nu_dtype=uint8), and Pallas(platforms="
                 f"{platforms}) lowers for {platform}: use implementation="
                 "'xla' or None, which run it as XLA fusions, or "
-                "Pallas(platforms=('cpu',)) for Pallas' generic interpreter"
+                "Pallas(platforms=('tpu',)) or ('cpu',) for the TPU kernel or "
+                "Pallas' generic interpreter"
             )
         sizes = block_sizes or common.BlockSizes.get_default(platform)
         if platform in common.COMPILED_PLATFORMS:
-            common.check_fits(sizes, all_dtypes, platform)
+            common.check_fits(sizes, blocked_dtypes, platform)
         group_kernel = _GROUP_KERNELS.get(platform)
 
         def run(coefficients, *flat):

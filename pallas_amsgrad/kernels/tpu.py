@@ -8,7 +8,8 @@ concatenation, no padding, no relayout, one launch instead of one per leaf.
 Layers read top-down: `amsgrad_tpu_group` (views, aliases, `pallas_call`) ->
 `_group_kernel` (each leaf's (leading, rows, cols) view cut into regions of
 equal blocks) -> `_stream` (the DMA loop around `common.amsgrad_kernel`, the
-same body as every other path).
+same body as every other path, or `common.quantized_kernel` for 8-bit state,
+whose blocks hold whole quantization blocks and their scales).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ CORES = 2
 # Per array: the next block's fetch overlaps this block's compute and the
 # previous block's write-back.
 SLOTS = 2
+# Rows of a VMEM tile of 8-bit codes: blocks of 8-bit state take rows in
+# multiples of it where they cut a leaf's rows.
+CODE_ROW_MULTIPLE = 32
 
 
 class Split(NamedTuple):
@@ -55,6 +59,24 @@ class Region(NamedTuple):
     def block(self) -> tuple[int, int, int]:
         return (self.leading.size, self.rows.size, self.cols.size)
 
+    def of_scales(self, block: int) -> Region:
+        """The region of 8-bit state's scales, one per `block` columns, that
+        goes with this region of its codes (whose column blocks hold whole
+        quantization blocks, the tail's aside)."""
+        cols = self.cols
+        assert cols.blocks == 1 or cols.size % block == 0, (cols, block)
+        return self._replace(
+            cols=Split(cols.start // block, pl.cdiv(cols.size, block), cols.blocks)
+        )
+
+    def slices(self, positions) -> tuple[pl.Slice, ...]:
+        """The (leading, rows, cols) slices of the block at `positions`, one
+        (traced) block index per dim."""
+        return tuple(
+            pl.ds(split.start + position * split.size, split.size)
+            for split, position in zip(self, positions, strict=True)
+        )
+
 
 def view_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     """The leaf as (leading, rows, cols), without moving data.
@@ -72,13 +94,28 @@ def view_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     return (1, 1, size)
 
 
+def quantized_view_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """A leaf with 8-bit state (or its scales) as (leading, rows, cols) with
+    cols its last dim, so that a block of columns holds whole quantization
+    blocks: `view_shape`, but a vector is one row."""
+    if len(shape) >= 2:
+        return view_shape(shape)
+    return (1, 1, *shape)
+
+
 def block_shape(
-    leading: int, rows: int, cols: int, elements: int
+    leading: int,
+    rows: int,
+    cols: int,
+    elements: int,
+    row_multiple: int = common.ROW_MULTIPLE,
+    col_unit: int = common.LANES,
 ) -> tuple[int, int, int]:
     """A block of at most `elements` in VMEM, where rows pad to a multiple
-    of `ROW_MULTIPLE` and columns to 128 lanes: several whole (rows, cols)
-    slices where they fit, else whole rows where 16 fit, else part rows."""
-    lanes, row_multiple = common.LANES, common.ROW_MULTIPLE
+    of `row_multiple` and columns to 128 lanes: several whole (rows, cols)
+    slices where they fit, else whole rows where `row_multiple` fit, else
+    part rows of a multiple of `col_unit` columns (at least one)."""
+    lanes = common.LANES
     padded_cols = pl.cdiv(cols, lanes) * lanes
     padded_slice = pl.cdiv(rows, row_multiple) * row_multiple * padded_cols
     if padded_slice <= elements:
@@ -86,21 +123,30 @@ def block_shape(
     if padded_cols * row_multiple <= elements:
         fitting_rows = elements // padded_cols // row_multiple * row_multiple
         return 1, fitting_rows, cols
-    return 1, min(rows, row_multiple), elements // row_multiple // lanes * lanes
+    part_cols = max(col_unit, elements // row_multiple // col_unit * col_unit)
+    return 1, min(rows, row_multiple), part_cols
 
 
 def regions(
-    shape: Sequence[int], elements: int, leading_unit: int | None = None
+    shape: Sequence[int],
+    elements: int,
+    leading_unit: int | None = None,
+    quantization_block: int | None = None,
 ) -> list[Region]:
     """Tiles a (leading, rows, cols) view with regions of equal blocks; with
-    `leading_unit`, a block's leading extent divides it."""
+    `leading_unit`, a block's leading extent divides it; with
+    `quantization_block`, a block's columns are whole rows or a multiple of
+    it, and its rows whole or a multiple of `CODE_ROW_MULTIPLE`."""
 
     def split(size, block):
         whole, tail = divmod(size, block)
         parts = [Split(0, block, whole)] if whole else []
         return parts + ([Split(whole * block, tail, 1)] if tail else [])
 
-    block = block_shape(*shape, elements)
+    tiling = {}
+    if quantization_block is not None:
+        tiling = dict(row_multiple=CODE_ROW_MULTIPLE, col_unit=quantization_block)
+    block = block_shape(*shape, elements, **tiling)
     if leading_unit is not None:
         fitting = max(d for d in range(1, block[0] + 1) if leading_unit % d == 0)
         block = (fitting, *block[1:])
@@ -196,9 +242,11 @@ def amsgrad_tpu_group(
         interpreter, on any backend.
 
     Returns:
-      Per leaf, (new param | update, mu, nu, nu_max) in the leaf's shape.
+      Per leaf, its outputs in `operands` order, each in the shape of the
+      input of its name (the leaf's for the update).
     """
-    views = [tuple(x.reshape(view_shape(x.shape)) for x in leaf) for leaf in leaves]
+    as_view = quantized_view_shape if operands.quantizes else view_shape
+    views = [tuple(x.reshape(as_view(x.shape)) for x in leaf) for leaf in leaves]
     scalars = [coefficients]
     indices = [None] * len(leaves)
     if table is not None:
@@ -228,10 +276,11 @@ def amsgrad_tpu_group(
     # byte: the aliased buffers already hold what it would write.
     skippable = operands.terms.skip and len(aliases) == len(out_dtypes) * len(views)
     out_shape = [
-        common.out_type(leaf[0].shape, dtype, [*leaf, coefficients])
+        common.out_type(_like(leaf, name, operands).shape, dtype, [*leaf, coefficients])
         for leaf in views
-        for dtype in out_dtypes
+        for name, dtype in zip(operands.outputs, out_dtypes, strict=True)
     ]
+    arrays = [*itertools.chain.from_iterable(views), *out_shape]
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     outputs = pl.pallas_call(
         functools.partial(
@@ -253,7 +302,10 @@ def amsgrad_tpu_group(
             dimension_semantics=("parallel",)
         ),
         cost_estimate=common.cost_estimate(  # pragma: no mutate
-            sum(leaf[0].size for leaf in views), [a.dtype for a in views[0]], out_dtypes
+            sum(leaf[0].size for leaf in views),
+            [a.dtype for a in views[0]],
+            out_dtypes,
+            bytes_accessed=sum(math.prod(a.shape) * a.dtype.itemsize for a in arrays),
         ),
         interpret=interpret,
         name="amsgrad_group",  # pragma: no mutate
@@ -261,11 +313,21 @@ def amsgrad_tpu_group(
     per_leaf = len(out_dtypes)
     return [
         tuple(
-            out.reshape(leaf[0].shape)
-            for out in outputs[per_leaf * k : per_leaf * (k + 1)]
+            out.reshape(_like(leaf, name, operands).shape)
+            for name, out in zip(
+                operands.outputs,
+                outputs[per_leaf * k : per_leaf * (k + 1)],
+                strict=True,
+            )
         )
         for k, leaf in enumerate(leaves)
     ]
+
+
+def _like(leaf, name: str, operands: _math.Operands):
+    """The input of a leaf whose shape the output `name` takes: the input of
+    that name, else (the update) the leaf's first."""
+    return dict(zip(operands.inputs, leaf, strict=True)).get(name, leaf[0])
 
 
 def _group_kernel(
@@ -291,10 +353,19 @@ def _group_kernel(
     outputs = refs[len(inputs) :]
     outputs_per_leaf = len(outputs) // len(view_shapes)
     body = functools.partial(
-        common.amsgrad_kernel,
+        common.quantized_kernel if operands.quantizes else common.amsgrad_kernel,
         coefficients_ref,
         operands=operands,
     )
+    quantization_block = operands.block if operands.quantizes else None
+
+    def per_array(region, names):
+        """The region of each of `names`: a scales array's takes its columns."""
+        return [
+            region.of_scales(operands.block) if name.endswith("_scales") else region
+            for name in names
+        ]
+
     leaves_by_kind = {}
     for k, kind in enumerate(zip(view_shapes, view_indices, strict=True)):
         leaves_by_kind.setdefault(kind, []).append(
@@ -312,8 +383,10 @@ def _group_kernel(
         if table_ref is not None:
             streams = _Streams(table_ref, first_row, view_index)
             leading_unit = view_index.leading_unit
-        for region in regions(shape, elements, leading_unit):
-            _stream(body, leaves, region, active, streams)
+        for region in regions(shape, elements, leading_unit, quantization_block):
+            in_regions = per_array(region, operands.inputs)
+            out_regions = per_array(region, operands.outputs)
+            _stream(body, leaves, in_regions, out_regions, active, streams)
         first_row += len(leaves)
 
 
@@ -326,20 +399,39 @@ class _Streams(NamedTuple):
 
     def for_block(self, leaf, slices) -> dict:
         """The body's `keys` and `index` for a block of the kind's `leaf`-th
-        leaf at `slices` of its (leading, rows, cols) view."""
+        leaf at `slices` of its (leading, rows, cols) view. `index` gives the
+        whole block's element indices, or with `columns` (a static `pl.ds`
+        of the block's cols) those of those columns."""
         keys, base = common.table_row(self.table_ref, self.first_row + leaf)
-        return dict(keys=keys, index=lambda: base + self.view_index.offsets(slices))
+
+        def index(columns=None):
+            narrowed = slices
+            if columns is not None:
+                lead, rows, cols = slices
+                start = cols.start + columns.start
+                narrowed = (lead, rows, pl.ds(start, columns.size))
+            return base + self.view_index.offsets(narrowed)
+
+        return dict(keys=keys, index=index)
 
 
-def _stream(body, leaves, region: Region, active=None, streams=None):
+def _stream(
+    body,
+    leaves,
+    in_regions: Sequence[Region],
+    out_regions: Sequence[Region],
+    active=None,
+    streams=None,
+):
     """Double-buffered DMA loop over a region's blocks in every leaf of
     `leaves` ((inputs, outputs) per leaf, all of one shape), shared by the
-    cores.
+    cores. Each array has its region (`in_regions`, `out_regions`): the
+    same count of blocks per dim, of its own size (8-bit state's scales).
 
     Blocks are disjoint, so fetching block i+1 while block i-1 is written back
     is safe even where an output aliases its input.
     """
-    splits = (region.leading, region.rows, region.cols)
+    splits = tuple(in_regions[0])
     num_blocks = len(leaves) * math.prod(split.blocks for split in splits)
     per_core = pl.cdiv(num_blocks, CORES)
     first = pl.program_id(0) * per_core
@@ -349,13 +441,13 @@ def _stream(body, leaves, region: Region, active=None, streams=None):
     first_inputs, first_outputs = leaves[0]
 
     def window(step):
-        """(leaf, the block's slices): its index unravelled over the leaves
-        and the region's blocks."""
-        index, slices = first + step, []
+        """(leaf, the block's position per dim): its index unravelled over
+        the leaves and the region's blocks."""
+        index, positions = first + step, []
         for split in reversed(splits):
             index, position = _divmod(index, split.blocks)
-            slices.insert(0, pl.ds(split.start + position * split.size, split.size))
-        return index, tuple(slices)
+            positions.insert(0, position)
+        return index, tuple(positions)
 
     def slot_of(step):
         # lax.rem takes one int width: the literal in the step's (int32 under
@@ -363,39 +455,37 @@ def _stream(body, leaves, region: Region, active=None, streams=None):
         return jax.lax.rem(step, jnp.asarray(SLOTS, step.dtype))
 
     def scoped(in_buffers, out_buffers, in_sems, out_sems):
-        def copies(refs, buffers, sems, slices, slot, inbound):
-            return [
-                pltpu.make_async_copy(
-                    *(
-                        (ref.at[slices], buf.at[slot])
-                        if inbound
-                        else (buf.at[slot], ref.at[slices])
-                    ),
-                    sems.at[i, slot],
+        def copies(refs, positions, slot, inbound):
+            buffers, sems, array_regions = (
+                (in_buffers, in_sems, in_regions)
+                if inbound
+                else (out_buffers, out_sems, out_regions)
+            )
+            result = []
+            for i, (ref, buf, region) in enumerate(
+                zip(refs, buffers, array_regions, strict=True)
+            ):
+                window_ref = ref.at[region.slices(positions)]
+                ends = (
+                    (window_ref, buf.at[slot])
+                    if inbound
+                    else (buf.at[slot], window_ref)
                 )
-                for i, (ref, buf) in enumerate(zip(refs, buffers, strict=True))
-            ]
+                result.append(pltpu.make_async_copy(*ends, sems.at[i, slot]))
+            return result
 
         def start(step, slot, inbound):
             """Starts the block's copies from (or to) its own leaf's refs."""
-            leaf, slices = window(step)
+            leaf, positions = window(step)
             for j, (inputs, outputs) in enumerate(leaves):
-                refs, buffers, sems = (
-                    (inputs, in_buffers, in_sems)
-                    if inbound
-                    else (outputs, out_buffers, out_sems)
-                )
-                _start_if(leaf == j, copies(refs, buffers, sems, slices, slot, inbound))
+                refs = inputs if inbound else outputs
+                _start_if(leaf == j, copies(refs, positions, slot, inbound))
 
         def wait(step, slot, inbound):
             """Waits by semaphore and size, which every leaf's block shares."""
-            _, slices = window(step)
-            refs, buffers, sems = (
-                (first_inputs, in_buffers, in_sems)
-                if inbound
-                else (first_outputs, out_buffers, out_sems)
-            )
-            for copy in copies(refs, buffers, sems, slices, slot, inbound):
+            _, positions = window(step)
+            refs = first_inputs if inbound else first_outputs
+            for copy in copies(refs, positions, slot, inbound):
                 copy.wait()
 
         @pl.when(count > 0)
@@ -417,7 +507,8 @@ def _stream(body, leaves, region: Region, active=None, streams=None):
 
             rounding = {}
             if streams is not None:
-                rounding = streams.for_block(*window(step))
+                leaf, positions = window(step)
+                rounding = streams.for_block(leaf, in_regions[0].slices(positions))
             body(*(buf.at[slot] for buf in (*in_buffers, *out_buffers)), **rounding)
             start(step, slot, inbound=False)
             return carry
@@ -433,8 +524,14 @@ def _stream(body, leaves, region: Region, active=None, streams=None):
 
     pl.run_scoped(
         scoped,
-        [pltpu.VMEM((SLOTS, *region.block), ref.dtype) for ref in first_inputs],
-        [pltpu.VMEM((SLOTS, *region.block), ref.dtype) for ref in first_outputs],
+        [
+            pltpu.VMEM((SLOTS, *region.block), ref.dtype)
+            for ref, region in zip(first_inputs, in_regions, strict=True)
+        ],
+        [
+            pltpu.VMEM((SLOTS, *region.block), ref.dtype)
+            for ref, region in zip(first_outputs, out_regions, strict=True)
+        ],
         pltpu.SemaphoreType.DMA((len(first_inputs), SLOTS)),
         pltpu.SemaphoreType.DMA((len(first_outputs), SLOTS)),
     )

@@ -10,6 +10,7 @@ import leaf_tables
 import pytest
 import test_sharded_step as sharded
 import tolerances
+from implementations import tpu_interpreted
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,7 +27,7 @@ LEAVES = {
 BLOCK = 128
 
 
-def optimizer(implementation, block=BLOCK, stochastic_rounding=True):
+def optimizer(implementation, block=BLOCK, stochastic_rounding=True, max_grad_norm=1.0):
     return pallas_amsgrad.amsgrad(
         0.01,
         mu_dtype=jnp.int8,
@@ -34,7 +35,7 @@ def optimizer(implementation, block=BLOCK, stochastic_rounding=True):
         quantization_block=block,
         stochastic_rounding=stochastic_rounding,
         seed=3,
-        max_grad_norm=1.0,
+        max_grad_norm=max_grad_norm,
         implementation=sharded.on_cpu(implementation),
     )
 
@@ -67,6 +68,27 @@ def test_sharded_8_bit_state_equals_unsharded(implementation, axis_type):
         actual = sharded.run(opt, "step", sharded_params, state, sharded_grads)[:2]
     tolerances.assert_trees_equal(actual, expected)
     assert isinstance(actual[1][1].mu["w"], pallas_amsgrad.QuantizedArray)
+
+
+def test_tpu_kernel_steps_each_shard_as_the_unsharded_xla_path():
+    """The TPU kernel (in Pallas' TPU interpreter) per shard: each shard's
+    blocks, scales and stochastic bits are those of its place in the leaf.
+
+    Without clipping: the global norm of sharded gradients, summed in this
+    program's order, can differ from the XLA path's in its last bit. One
+    simulated core: with two on each of 8 devices the interpreter stalls."""
+    params, grads = values(0), [values(1 + i) for i in range(sharded.STEPS)]
+    xla = optimizer("xla", max_grad_norm=None)
+    expected = sharded.run(xla, "step", params, xla.init(params), grads)[:2]
+    opt = optimizer(tpu_interpreted(1024, num_cores_or_threads=1), max_grad_norm=None)
+    mesh = sharded.make_mesh("2d", AxisType.Explicit)
+    param_shardings = shardings(mesh)
+    with jax.set_mesh(mesh):
+        sharded_params = sharded.place(params, param_shardings)
+        sharded_grads = [sharded.place(g, param_shardings) for g in grads]
+        state = opt.init(sharded_params)
+        actual = sharded.run(opt, "step", sharded_params, state, sharded_grads)[:2]
+    tolerances.assert_trees_equal(actual, expected)
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
