@@ -1,8 +1,8 @@
 """The GPU step: a kernel launch per leaf, in place.
 
 A Mosaic GPU kernel takes `LEAVES_PER_LAUNCH` leaves of a dtype group, left
-in GMEM, cut into (block_rows, 128) blocks (`segments`: each leaf's whole
-blocks, then any tail). Two kernels walk them:
+in GMEM, viewed as (rows, 128) and cut into (block_rows, 128) blocks
+(`segments`: each leaf's whole blocks, then any tail). Two kernels walk them:
 
 - pipelined (`PIPELINED`, the default): a persistent grid of about one CUDA
   block per SM (`persistent_ctas`); CUDA block `b` takes every block `g` of
@@ -17,6 +17,13 @@ blocks, then any tail). Two kernels walk them:
 The leaves written in place are passed as `jax.Ref`s, which `pl.kernel`
 aliases to its outputs.
 
+With 8-bit state (`_quantization`) a leaf's codes, param and grad are
+viewed as (quantization blocks, block) instead, a block of the kernel being
+some whole quantization blocks, and the scales as a flat (quantization
+blocks,) array that the body reads and writes in GMEM, one scale per row of
+the block: `_quantized_kernel` decodes, steps and encodes the rows in a
+register layout that gives each row's max |x| by one reduction (`_rows`).
+
 Layers read top-down: `amsgrad_gpu_group` (launches) -> `_launch` (views,
 refs, `pl.kernel`) -> `_pipelined_kernel` (a `_ring` per segment: SMEM slots,
 TMA in, the body, TMA out) or `_group_kernel` (SMEM buffers) ->
@@ -26,6 +33,7 @@ leaf, the body, TMA out).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -39,11 +47,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_amsgrad import _math, _rounding
+from pallas_amsgrad import _math, _quantization, _rounding
 from pallas_amsgrad.kernels import common
 
 GRID_AXIS = "blocks"
 WARPGROUP_THREADS = 128
+WARP_THREADS = 32
+# Shared memory that a reduction across a warpgroup takes (Mosaic GPU's
+# `CompilerParams.reduction_scratch_bytes`): 8-bit state's rows' max |x|.
+REDUCTION_SCRATCH_BYTES = 128 * 4 * 4
 # Leaves per launch. Mosaic GPU compiles a kernel in time that grows with the
 # square of its TMA copies: on an H200 (jax 0.11.2) a launch of 1, 4 and 8
 # leaves compiled in 0.3 s, 7.9 s and 29 s, so a launch per leaf compiles a
@@ -202,8 +214,7 @@ def _launch(
     """One Mosaic GPU kernel for the leaves; see `amsgrad_gpu_group`.
     `shard_runs` places each leaf in its whole leaf (`_rounding.runs`) where
     the group rounds stochastically."""
-    shapes = [leaf[0].shape for leaf in leaves]
-    views = [tuple(map(common.as_rows, leaf)) for leaf in leaves]
+    views = [_views(leaf, operands) for leaf in leaves]
     inputs = list(itertools.chain.from_iterable(views))
     scalars = [coefficients] + ([] if table is None else [table])
     per_leaf_in, per_leaf_out = len(views[0]), len(out_dtypes)
@@ -217,16 +228,18 @@ def _launch(
         i: jax.new_ref(inputs[i]) for i in aliases
     }  # `pl.kernel` aliases these.
     output_of_input = {out: i for i, out in aliases.items()}
-    new_outputs = [
-        common.out_type(
-            views[j // per_leaf_out][0].shape,
-            out_dtypes[j % per_leaf_out],
-            [*views[j // per_leaf_out], coefficients],
-        )
-        for j in range(per_leaf_out * len(views))
-        if j not in output_of_input
+    out_types = [
+        common.out_type(_like(view, name, operands).shape, dtype, [*view, coefficients])
+        for view in views
+        for name, dtype in zip(operands.outputs, out_dtypes, strict=True)
     ]
-    plan = segments([leaf[0].shape[0] for leaf in views], block_rows)
+    new_outputs = [t for j, t in enumerate(out_types) if j not in output_of_input]
+    # Rows of a block: of 128 lanes, or whole quantization blocks.
+    width = views[0][0].shape[1]
+    tile_rows = max(1, block_rows * common.LANES // width)
+    if operands.quantizes:
+        _check_quantized_fits(tile_rows, width, views[0], out_types[:per_leaf_out])
+    plan = segments([view[0].shape[0] for view in views], tile_rows)
     blocks = sum(s.blocks for s in plan)
     grid = min(blocks, schedule.ctas) if schedule.pipelined else blocks
 
@@ -240,8 +253,15 @@ def _launch(
             in_refs[output_of_input[j]] if j in output_of_input else next(fresh)
             for j in range(per_leaf_out * len(views))
         ]
+        leaf_refs = [
+            LeafRefs.of(
+                in_refs[per_leaf_in * k : per_leaf_in * (k + 1)],
+                out_refs[per_leaf_out * k : per_leaf_out * (k + 1)],
+                operands,
+            )
+            for k in range(len(views))
+        ]
         options = dict(
-            per_leaf=(per_leaf_in, per_leaf_out),
             operands=operands,
             shard_runs=shard_runs,
             interpret=bool(interpret),
@@ -253,8 +273,7 @@ def _launch(
             _pipelined_kernel(
                 coefficients_ref,
                 table_ref,
-                in_refs,
-                out_refs,
+                leaf_refs,
                 plan=plan,
                 grid=grid,
                 max_stages=schedule.max_stages,
@@ -264,10 +283,9 @@ def _launch(
             _group_kernel(
                 coefficients_ref,
                 table_ref,
-                in_refs,
-                out_refs,
+                leaf_refs,
                 plan=plan,
-                block_rows=min(block_rows, max(leaf[0].shape[0] for leaf in views)),
+                block_rows=min(tile_rows, max(view[0].shape[0] for view in views)),
                 **options,
             )
 
@@ -282,9 +300,15 @@ def _launch(
         ),
         interpret=interpret,
         cost_estimate=common.cost_estimate(  # pragma: no mutate
-            sum(math.prod(s) for s in shapes),
+            sum(leaf[0].size for leaf in leaves),
             [a.dtype for a in views[0]],
             out_dtypes,
+            bytes_accessed=sum(
+                math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+                for a in (*inputs, *out_types)
+            )
+            if operands.quantizes
+            else None,
         ),
         name="amsgrad_group",  # pragma: no mutate
     )(*scalars, *(in_place.get(i, x) for i, x in enumerate(inputs)))
@@ -297,11 +321,93 @@ def _launch(
     ]
     return [
         tuple(
-            common.from_rows(out, shape)
-            for out in flat[per_leaf_out * k : per_leaf_out * (k + 1)]
+            _from_view(out, _like(leaf, name, operands).shape, operands)
+            for name, out in zip(
+                operands.outputs,
+                flat[per_leaf_out * k : per_leaf_out * (k + 1)],
+                strict=True,
+            )
         )
-        for k, shape in enumerate(shapes)
+        for k, leaf in enumerate(leaves)
     ]
+
+
+def _views(leaf, operands: _math.Operands) -> tuple[jax.Array, ...]:
+    """A leaf's inputs as the kernel takes them: (rows, 128) views
+    (`common.as_rows`); with 8-bit state, (quantization blocks, block) views,
+    free where the last dim is a multiple of the block, and flat scales."""
+    if not operands.quantizes:
+        return tuple(map(common.as_rows, leaf))
+    shape, block = leaf[0].shape, operands.block
+    if shape[-1] % block:
+        raise NotImplementedError(
+            f"the cuda kernel takes 8-bit state for leaves whose last dim is a "
+            f"multiple of quantization_block={block}, not yet a leaf of shape "
+            f"{tuple(shape)}, whose rows end in a shorter block: use "
+            "implementation='xla' or None, which run it as XLA fusions, or "
+            "Pallas(platforms=('tpu',)) or ('cpu',) for the TPU kernel or "
+            "Pallas' generic interpreter"
+        )
+    return tuple(
+        x.reshape(-1) if _is_scales(name) else x.reshape(-1, block)
+        for name, x in zip(operands.inputs, leaf, strict=True)
+    )
+
+
+def _from_view(out, shape, operands: _math.Operands) -> jax.Array:
+    """An output back in the shape of the input it replaces."""
+    if operands.quantizes:
+        return out.reshape(shape)
+    return common.from_rows(out, shape)
+
+
+def _like(leaf, name: str, operands: _math.Operands):
+    """The input of a leaf whose shape the output `name` takes: the input of
+    that name, else (the update) the leaf's first."""
+    return dict(zip(operands.inputs, leaf, strict=True)).get(name, leaf[0])
+
+
+def _is_scales(name: str) -> bool:
+    return name.endswith("_scales")
+
+
+def _check_quantized_fits(tile_rows, width, view, out_types):
+    """Raises where one stage of blocks of `tile_rows` quantization blocks
+    (every array but the scales) overflows shared memory."""
+    dtypes = [a.dtype for a in (*view, *out_types) if a.ndim == 2]
+    needed = common.on_chip_bytes(tile_rows * width // common.LANES, dtypes, "cuda")
+    if needed + REDUCTION_SCRATCH_BYTES > common.GPU_SMEM_BYTES:
+        raise ValueError(
+            f"a block of {tile_rows} quantization blocks of {width} elements "
+            f"needs {needed} bytes of shared memory on cuda, more than its "
+            f"{common.GPU_SMEM_BYTES - REDUCTION_SCRATCH_BYTES}; use a smaller "
+            "quantization_block"
+        )
+
+
+class LeafRefs(NamedTuple):
+    """One leaf's refs in a kernel: those whose blocks go through SMEM
+    (`ins`, `outs`, in `operands` order) and, with 8-bit state, the scales by
+    name (`in_scales`, `out_scales`), which the body reads and writes in
+    GMEM (a few per block, too few bytes for a TMA copy)."""
+
+    ins: tuple
+    outs: tuple
+    in_scales: dict
+    out_scales: dict
+
+    @classmethod
+    def of(cls, in_refs, out_refs, operands: _math.Operands) -> LeafRefs:
+        def split(names, refs):
+            named = list(zip(names, refs, strict=True))
+            return (
+                tuple(ref for name, ref in named if not _is_scales(name)),
+                {name: ref for name, ref in named if _is_scales(name)},
+            )
+
+        ins, in_scales = split(operands.inputs, in_refs)
+        outs, out_scales = split(operands.outputs, out_refs)
+        return cls(ins, outs, in_scales, out_scales)
 
 
 def _varies(x) -> bool:
@@ -320,14 +426,18 @@ def persistent_ctas() -> int:
 
 
 def ring_stages(
-    block_rows: int, dtypes: Sequence[jnp.dtype], max_stages: int | None = None
+    block_rows: int,
+    dtypes: Sequence[jnp.dtype],
+    max_stages: int | None = None,
+    reserved: int = 0,
 ) -> int:
     """The pipelined kernel's ring stages for blocks of `block_rows` rows of
-    arrays of `dtypes` (every input and output): as many as fit shared
-    memory, up to `max_stages` (`MAX_STAGES`), at least one."""
+    128 lanes of arrays of `dtypes` (every input and output through SMEM): as
+    many as fit shared memory less `reserved` bytes, up to `max_stages`
+    (`MAX_STAGES`), at least one."""
     per_stage = common.on_chip_bytes(block_rows, dtypes, "cuda")
     limit = MAX_STAGES if max_stages is None else max_stages
-    return max(1, min(limit, common.GPU_SMEM_BYTES // per_stage))
+    return max(1, min(limit, (common.GPU_SMEM_BYTES - reserved) // per_stage))
 
 
 def share(segment: Segment, cta, grid: int):
@@ -350,13 +460,11 @@ def share(segment: Segment, cta, grid: int):
 def _pipelined_kernel(
     coefficients_ref,
     table_ref,
-    in_refs,
-    out_refs,
+    leaves,
     *,
     plan,
     grid,
     max_stages,
-    per_leaf,
     operands,
     shard_runs,
     interpret,
@@ -364,15 +472,14 @@ def _pipelined_kernel(
 ):
     """CUDA block `b` of `grid` runs the blocks `g` of the plan with
     `g % grid == b`: a `_ring` per segment, in turn (none, if `skippable`,
-    on a step the finite guard rejects). Where the group rounds
-    stochastically, `table_ref` holds the leaves' stream keys and bases and
-    `shard_runs` places each leaf in its whole leaf."""
-    per_leaf_in, per_leaf_out = per_leaf
+    on a step the finite guard rejects). `leaves` are the `LeafRefs`. Where
+    the group rounds stochastically, `table_ref` holds the leaves' stream
+    keys and bases and `shard_runs` places each leaf in its whole leaf."""
     cta = jax.lax.axis_index(GRID_AXIS)
     body = _body(coefficients_ref, operands, interpret)
-    dtypes = [r.dtype for r in in_refs[:per_leaf_in]] + [
-        r.dtype for r in out_refs[:per_leaf_out]
-    ]
+    dtypes = [r.dtype for r in (*leaves[0].ins, *leaves[0].outs)]
+    lanes_per_row = leaves[0].ins[0].shape[1] // common.LANES
+    reserved = REDUCTION_SCRATCH_BYTES if operands.quantizes else 0
 
     def run():
         for segment in plan:
@@ -380,24 +487,18 @@ def _pipelined_kernel(
             streams = None
             if table_ref is not None:
                 keys, base = common.table_row(table_ref, k)
-                layout = (
-                    None
-                    if interpret
-                    else functools.partial(_strided, (segment.rows, common.LANES))
-                )
-                streams = (keys, base, shard_runs[k], layout)
+                streams = (keys, base, shard_runs[k])
             first, steps = share(segment, cta, grid)
+            stages = ring_stages(
+                segment.rows * lanes_per_row, dtypes, max_stages, reserved
+            )
             _ring(
-                in_refs[per_leaf_in * k : per_leaf_in * (k + 1)],
-                out_refs[per_leaf_out * k : per_leaf_out * (k + 1)],
+                leaves[k],
                 segment,
                 first=first,
                 steps=steps,
                 stride=grid,
-                stages=min(
-                    ring_stages(segment.rows, dtypes, max_stages),
-                    -(-segment.blocks // grid),
-                ),
+                stages=min(stages, -(-segment.blocks // grid)),
                 body=body,
                 streams=streams,
             )
@@ -409,9 +510,10 @@ def _pipelined_kernel(
         run()
 
 
-def _ring(ins, outs, segment, *, first, steps, stride, stages, body, streams):
+def _ring(leaf, segment, *, first, steps, stride, stages, body, streams):
     """Blocks `first`, `first + stride`, ... (`steps` of them) of `segment`,
-    of one leaf's `ins` and `outs`, through `stages` SMEM slots of each.
+    of one leaf's arrays through SMEM (`leaf.ins`, `leaf.outs`), through
+    `stages` SMEM slots of each.
 
     Iteration `i` copies block `i` in (slot `i % stages`, its own barrier,
     which every input's copy arrives at) and computes block
@@ -419,10 +521,12 @@ def _ring(ins, outs, segment, *, first, steps, stride, stages, body, streams):
     in flight. Before the body writes a slot's outputs, the copies out of that
     slot `stages` blocks before have read it. One copy site per array, so
     Mosaic GPU compiles as many TMA copies as the per-block kernel. With
-    `streams` (the leaf's keys, base, shard runs and iota layout), the body
-    rounds stochastically.
+    `streams` (the leaf's keys, base and shard runs), the body rounds
+    stochastically.
     """
+    ins, outs = leaf.ins, leaf.outs
     rows = segment.rows
+    shape = (rows, ins[0].shape[1])
 
     def window(step):
         block = first + step * stride
@@ -444,16 +548,18 @@ def _ring(ins, outs, segment, *, first, steps, stride, stages, body, streams):
             plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
             rounding = {}
             if streams is not None:
-                keys, base, runs, layout = streams
+                keys, base, runs = streams
                 rounding = dict(
                     keys=keys,
-                    index=lambda: common.rows_index(
-                        base, first_row, (rows, common.LANES), runs, layout
+                    index=lambda layout: _tile_index(
+                        base, first_row, shape, runs, layout
                     ),
                 )
             body(
-                *(buf.at[slot] for buf in in_slots),
-                *(buf.at[slot] for buf in out_slots),
+                leaf,
+                first_row,
+                [buf.at[slot] for buf in in_slots],
+                [buf.at[slot] for buf in out_slots],
                 **rounding,
             )
             plgpu.commit_smem()
@@ -470,11 +576,10 @@ def _ring(ins, outs, segment, *, first, steps, stride, stages, body, streams):
         jax.lax.fori_loop(0, steps + (stages - 1), iteration, 0)
         plgpu.wait_smem_to_gmem(0)
 
-    lanes = common.LANES
     pl.run_scoped(
         scoped,
-        [plgpu.SMEM((stages, rows, lanes), r.dtype) for r in ins],
-        [plgpu.SMEM((stages, rows, lanes), r.dtype) for r in outs],
+        [plgpu.SMEM((stages, *shape), r.dtype) for r in ins],
+        [plgpu.SMEM((stages, *shape), r.dtype) for r in outs],
         plgpu.Barrier(num_arrivals=len(ins), num_barriers=stages),
     )
 
@@ -482,40 +587,37 @@ def _ring(ins, outs, segment, *, first, steps, stride, stages, body, streams):
 def _group_kernel(
     coefficients_ref,
     table_ref,
-    in_refs,
-    out_refs,
+    leaves,
     *,
     plan,
     block_rows,
-    per_leaf,
     operands,
     shard_runs,
     interpret,
     skippable,
 ):
     """Runs the one segment this CUDA block belongs to (none, if
-    `skippable`, on a step the finite guard rejects). Where the group rounds
-    stochastically, `table_ref` holds the leaves' stream keys and bases and
-    `shard_runs` places each leaf in its whole leaf."""
-    per_leaf_in, per_leaf_out = per_leaf
+    `skippable`, on a step the finite guard rejects). `leaves` are the
+    `LeafRefs`. Where the group rounds stochastically, `table_ref` holds the
+    leaves' stream keys and bases and `shard_runs` places each leaf in its
+    whole leaf."""
     block = jax.lax.axis_index(GRID_AXIS)
     active = True
     if skippable:
         active = common.accepts(coefficients_ref)
     body = _body(coefficients_ref, operands, interpret)
-
-    def leaf_refs(k):
-        return (
-            in_refs[per_leaf_in * k : per_leaf_in * (k + 1)],
-            out_refs[per_leaf_out * k : per_leaf_out * (k + 1)],
-        )
+    # One body per block height (whole blocks, and each distinct tail),
+    # however many leaves: the segments differ only in their TMA copies.
+    # With 8-bit state, one per leaf too: the body reads the leaf's scales.
+    kinds = {}
+    for segment in plan:
+        kind = (segment.rows, segment.leaf if operands.quantizes else 0)
+        kinds.setdefault(kind, []).append(segment)
 
     def scoped(in_buffers, out_buffers, barriers):
-        # One body per block height (whole blocks, and each distinct tail),
-        # however many leaves: the segments differ only in their TMA copies.
-        for height in sorted({segment.rows for segment in plan}):
+        for (height, _), members in sorted(kinds.items()):
             _blocks_of_height(
-                [(s, *leaf_refs(s.leaf)) for s in plan if s.rows == height],
+                [(s, leaves[s.leaf]) for s in members],
                 block,
                 active,
                 body,
@@ -524,22 +626,15 @@ def _group_kernel(
                 barriers,
                 None
                 if table_ref is None
-                else functools.partial(
-                    _block_streams,
-                    table_ref,
-                    shard_runs,
-                    layout=None
-                    if interpret
-                    else functools.partial(_strided, (height, lanes)),
-                ),
+                else functools.partial(_block_streams, table_ref, shard_runs),
             )
 
-    lanes = common.LANES
+    width = leaves[0].ins[0].shape[1]
     pl.run_scoped(
         scoped,
-        [plgpu.SMEM((block_rows, lanes), r.dtype) for r in in_refs[:per_leaf_in]],
-        [plgpu.SMEM((block_rows, lanes), r.dtype) for r in out_refs[:per_leaf_out]],
-        plgpu.Barrier(num_barriers=per_leaf_in),
+        [plgpu.SMEM((block_rows, width), r.dtype) for r in leaves[0].ins],
+        [plgpu.SMEM((block_rows, width), r.dtype) for r in leaves[0].outs],
+        plgpu.Barrier(num_barriers=len(leaves[0].ins)),
     )
 
 
@@ -554,72 +649,82 @@ def _blocks_of_height(
     streams=None,
 ):
     """If this CUDA block is in one of the segments (all of one height; each
-    with its leaf's input and output refs) and `active`: its leaf's inputs in
-    by TMA at once, the body, its outputs out by TMA. With `streams`
-    (`_block_streams` with its table, runs and layout bound), the body rounds
-    stochastically."""
+    with its leaf's `LeafRefs`) and `active`: its leaf's inputs in by TMA at
+    once, the body, its outputs out by TMA. With `streams` (`_block_streams`
+    with its table and runs bound), the body rounds stochastically."""
     inside = [
         (block >= s.first_block) & (block < s.first_block + s.blocks)
-        for s, _, _ in members
+        for s, _ in members
     ]
     windows = [
         pl.ds(s.row_start + (block - s.first_block) * s.rows, s.rows)
-        for s, _, _ in members
+        for s, _ in members
     ]
 
     @pl.when(functools.reduce(operator.or_, inside) & active)
     def _():
-        for here, rows, (_, inputs, _) in zip(inside, windows, members, strict=True):
-            _copy_in_if(here, inputs, rows, in_buffers, barriers)
+        for here, rows, (_, leaf) in zip(inside, windows, members, strict=True):
+            _copy_in_if(here, leaf.ins, rows, in_buffers, barriers)
         for i in range(len(in_buffers)):
             plgpu.barrier_wait(barriers.at[i])
         rounding = {}
         if streams is not None:
             rounding = streams(members, inside, windows)
-        body(*in_buffers, *out_buffers, **rounding)
+        # The leaf and rows of the block: `_quantized_kernel`'s scales (of
+        # one leaf: `_group_kernel` gives it segments of one).
+        first_row = _of_mine(inside, [rows.start for rows in windows])
+        body(members[0][1], first_row, in_buffers, out_buffers, **rounding)
         plgpu.commit_smem()
-        for here, rows, (_, _, outputs) in zip(inside, windows, members, strict=True):
-            _copy_out_if(here, out_buffers, outputs, rows)
+        for here, rows, (_, leaf) in zip(inside, windows, members, strict=True):
+            _copy_out_if(here, out_buffers, leaf.outs, rows)
         plgpu.wait_smem_to_gmem(0)
 
 
-def _block_streams(table_ref, shard_runs, members, inside, windows, layout) -> dict:
+def _of_mine(inside, values):
+    """Of one value per segment, that of the one segment the CUDA block is
+    `inside`."""
+    if len(values) == 1:  # The block is inside the one segment.
+        return values[0]
+    return functools.reduce(
+        operator.add,
+        (jnp.where(here, v, 0) for here, v in zip(inside, values, strict=True)),
+    )
+
+
+def _block_streams(table_ref, shard_runs, members, inside, windows) -> dict:
     """The body's `keys` and `index` for this CUDA block: those of the one
-    segment it is `inside`, its elements' iota placed in `layout`."""
-
-    def of_mine(values):
-        if len(values) == 1:  # The block is inside the one segment.
-            return values[0]
-        return functools.reduce(
-            operator.add,
-            (jnp.where(here, v, 0) for here, v in zip(inside, values, strict=True)),
-        )
-
-    leaves = [s.leaf for s, _, _ in members]
+    segment it is `inside`."""
+    leaves = [s.leaf for s, _ in members]
     # A static leaf where every segment has the same: a scalar load at a
     # constant offset.
-    leaf = leaves[0] if len(set(leaves)) == 1 else of_mine(leaves)
+    leaf = leaves[0] if len(set(leaves)) == 1 else _of_mine(inside, leaves)
     keys, base = common.table_row(table_ref, leaf)
-    first_row = of_mine([rows.start for rows in windows])
-    shape = (members[0][0].rows, common.LANES)
+    first_row = _of_mine(inside, [rows.start for rows in windows])
+    segment, refs = members[0]
+    shape = (segment.rows, refs.ins[0].shape[1])
     member_runs = [shard_runs[k] for k in leaves]
 
-    def index():
+    def index(layout):
         if len(set(member_runs)) == 1:
-            return common.rows_index(base, first_row, shape, member_runs[0], layout)
-        return of_mine(
-            [
-                common.rows_index(base, first_row, shape, runs, layout)
-                for runs in member_runs
-            ]
+            return _tile_index(base, first_row, shape, member_runs[0], layout)
+        return _of_mine(
+            inside,
+            [_tile_index(base, first_row, shape, runs, layout) for runs in member_runs],
         )
 
     return dict(keys=keys, index=index)
 
 
-def _strided(shape, positions):
-    """`positions` laid out as `_load` lays out a block of `shape`."""
-    return plgpu.layout_cast(positions, _strided_layout(shape))
+def _tile_index(base, first_row, shape, shard_runs, layout=None) -> jax.Array:
+    """The flat index in the whole leaf of each element of a (rows, width)
+    block whose first row is `first_row` of a shard's (rows, width) view (its
+    flat order cut into rows), the shard lying in its leaf as `shard_runs`
+    (`_rounding.runs`) say from the leaf's flat index `base`; `layout`
+    places the iota (`common.iota`)."""
+    rows, cols = (common.iota(shape, d, layout) for d in range(2))
+    width = jnp.uint32(shape[1])
+    local = jnp.asarray(first_row, jnp.uint32) * width + rows * width + cols
+    return jnp.asarray(base, jnp.uint32) + _rounding.whole_offset(local, shard_runs)
 
 
 def _copy_in_if(condition, inputs, rows, buffers, barriers):
@@ -637,33 +742,190 @@ def _copy_out_if(condition, buffers, outputs, rows):
 
 
 def _body(coefficients_ref, operands, interpret):
-    """`common.amsgrad_kernel` on a block's SMEM buffers."""
-    return functools.partial(
-        common.amsgrad_kernel,
-        coefficients_ref,
-        operands=operands,
-        # jax 0.10's Mosaic GPU interpreter has no `plgpu.load`.
-        load=common.load if interpret else _load,
+    """The body on a block's SMEM buffers (`in_buffers`, `out_buffers`) of a
+    leaf (its `LeafRefs`) whose first row is `first_row`:
+    `common.amsgrad_kernel`, or `_quantized_kernel` with 8-bit state. With
+    `keys` and `index` (a function of the iota's layout cast), it rounds
+    stochastically."""
+
+    def run(leaf, first_row, in_buffers, out_buffers, keys=None, index=None):
+        shape = in_buffers[0].shape
+        # jax 0.10's Mosaic GPU interpreter has no `plgpu.load` or layouts.
+        layout = None
+        if not interpret:
+            layout = (
+                _rows_layout(shape) if operands.quantizes else _strided_layout(shape)
+            )
+        rounding = {}
+        if keys is not None:
+            rounding = dict(keys=keys, index=lambda: index(_cast_to(layout)))
+        if operands.quantizes:
+            return _quantized_kernel(
+                coefficients_ref,
+                leaf,
+                first_row,
+                *in_buffers,
+                *out_buffers,
+                operands=operands,
+                layout=layout,
+                **rounding,
+            )
+        return common.amsgrad_kernel(
+            coefficients_ref,
+            *in_buffers,
+            *out_buffers,
+            operands=operands,
+            load=common.load if interpret else functools.partial(_load, layout=layout),
+            sqrt=_math.sqrt_via_rsqrt,
+            **rounding,
+        )
+
+    return run
+
+
+def _quantized_kernel(
+    coefficients_ref,
+    leaf,
+    first_row,
+    *refs,
+    operands,
+    layout=None,
+    keys=None,
+    index=None,
+):
+    """The body with 8-bit state: `refs` are a block's SMEM buffers of the
+    leaf's arrays but the scales (inputs, then outputs, in `operands`
+    order), each (rows, block), a row a quantization block; the rows'
+    scales are the leaf's (`leaf`, `LeafRefs`) from `first_row`, in GMEM.
+
+    Decodes the moments by their rows' scales, runs `step_block` in the
+    compute dtype and encodes each new moment by its rows' max |x|, with the
+    XLA path's arithmetic (`_quantization`); a skip keeps codes and scales
+    bitwise. `layout` (None when interpreted) is `_rows_layout`: every
+    array of the block is in it, and a row's scale in its reduction.
+    """
+    blocked_in = [name for name in operands.inputs if not _is_scales(name)]
+    blocked_out = [name for name in operands.outputs if not _is_scales(name)]
+    in_refs = dict(zip(blocked_in, refs[: len(blocked_in)], strict=True))
+    out_refs = dict(zip(blocked_out, refs[len(blocked_in) :], strict=True))
+    shape = refs[0].shape
+    rows = pl.ds(first_row, shape[0])
+    cast = _cast_to(layout)
+
+    def across(field):
+        """A row's value (rows,) on each of its elements (rows, block)."""
+        spread = jax.lax.broadcast_in_dim(field, shape, (0,))
+        return spread if cast is None else cast(spread)
+
+    def load(ref):
+        return common.load(ref) if layout is None else _load(ref, layout=layout)
+
+    def load_scales(ref):
+        if layout is None:
+            return common.load(ref)
+        # Of a few scales a row apart, to no SMEM: an unoptimized load.
+        return _load(ref, layout=layout.reduce(1), optimized=False)
+
+    inputs, read = [], []  # Scales as exponent fields: per element, per row.
+    for name in operands.inputs:
+        if _is_scales(name):
+            field = _quantization.field_of(load_scales(leaf.in_scales[name].at[rows]))
+            inputs.append(across(field))
+        else:
+            field = load(in_refs[name])
+            inputs.append(field)
+        read.append(field)
+
+    def quantized(x, cmap, rounding, random):
+        field = _row_fields(x, cmap)
+        codes = _quantization.encode(x, across(field), cmap, rounding, random)
+        return codes, field
+
+    # A skip keeps codes and scales bitwise: a select after the store, not
+    # one of decoded values that would then be encoded again.
+    applied = operands.decoded().with_terms(
+        dataclasses.replace(operands.terms, skip=False)
+    )
+    dtype = coefficients_ref.dtype
+    outputs = _math.step_block(
+        _quantization.read_blocks(inputs, operands, dtype),
+        _math.Coefficients.unpack(coefficients_ref),
+        applied,
         sqrt=_math.sqrt_via_rsqrt,
     )
+    out_dtypes = [
+        out_refs[name].dtype if name in out_refs else jnp.float32
+        for name in operands.outputs
+    ]
+    stored = _quantization._store(outputs, out_dtypes, operands, keys, index, quantized)
+    if operands.terms.skip:
+        accept = common.accepts(coefficients_ref)
+        # Mosaic GPU selects no 8-bit values: codes are chosen as int32.
+        stored = _quantization.unless_accepted(
+            [_widened(x) for x in stored], [_widened(x) for x in read], operands, accept
+        )
+    for name, value in zip(operands.outputs, stored, strict=True):
+        if _is_scales(name):
+            leaf.out_scales[name][rows] = _quantization.scales_of(value)
+        else:
+            out_refs[name][...] = value.astype(out_refs[name].dtype)
 
 
-def _load(ref):
-    """Loads every block in one register layout, whatever its dtype.
+def _widened(x) -> jax.Array:
+    """8-bit codes as int32, any other array as it is."""
+    return x.astype(jnp.int32) if jnp.dtype(x.dtype).itemsize == 1 else x
+
+
+def _row_fields(x, cmap) -> jax.Array:
+    """The exponent field of each row's scale (rows,): `_quantization`'s
+    `block_absmax` and `scale_field` of a row, its max reduced away
+    (Mosaic GPU keeps no (rows, 1) array in the rows' layout)."""
+    bits = jnp.minimum(_quantization.magnitude_bits(x), _quantization._INFINITY_BITS)
+    absmax = jnp.max(jax.lax.bitcast_convert_type(bits, jnp.float32), axis=-1)
+    absmax_bits = jax.lax.bitcast_convert_type(absmax, jnp.int32)
+    return _quantization.scale_field(absmax_bits, cmap)
+
+
+def _cast_to(layout):
+    """A function placing an array in `layout` (none where it is None)."""
+    if layout is None:
+        return None
+    return functools.partial(plgpu.layout_cast, new_layout=layout)
+
+
+def _load(ref, *, layout, optimized=True):
+    """Loads a block in `layout`, whatever its dtype.
 
     Mosaic GPU picks a layout per dtype by default, and cannot then add a
-    bfloat16 parameter widened to float32 to a float32 update. The layout
-    spreads the block over a warpgroup's 128 threads, `vec_size` elements
-    each, so it must divide: a block of one row (a leaf of up to 128
-    elements) or an odd number of rows takes one element per thread.
+    bfloat16 parameter widened to float32 to a float32 update.
     """
-    layout = _strided_layout(ref.shape)
     if _LOAD_NEEDS_INDEX:
-        return plgpu.load(ref, (), layout=layout)
-    return plgpu.load(ref, layout=layout)
+        return plgpu.load(ref, (), layout=layout, optimized=optimized)
+    return plgpu.load(ref, layout=layout, optimized=optimized)
 
 
 def _strided_layout(shape):
+    """A (rows, 128) block spread over a warpgroup's 128 threads,
+    `vec_size` elements each, so it must divide: a block of one row (a leaf
+    of up to 128 elements) or an odd number of rows takes one element per
+    thread."""
     rows, lanes = shape
     vec_size = 2 if rows * lanes % (2 * WARPGROUP_THREADS) == 0 else 1
     return plgpu.Layout.WG_STRIDED(tuple(shape), vec_size=vec_size)
+
+
+def _rows_layout(shape):
+    """A (rows, block) block with each row spread over a warpgroup's 128
+    threads, `vec_size` consecutive elements each (of one 8-byte load where
+    they are float32), and the rows over each thread's registers: a row's
+    max is one reduction (`layout.reduce(1)`)."""
+    _, width = shape
+    vec_size = 2 if width % (2 * WARPGROUP_THREADS) == 0 else 1
+    return plgpu.Layout.TILED(
+        plgpu.Tiling(
+            ((1, WARPGROUP_THREADS * vec_size), (WARP_THREADS * vec_size,), (vec_size,))
+        ),
+        warp_dims=(-3,),
+        lane_dims=(-2,),
+        vector_dim=-1,
+    )
