@@ -53,6 +53,11 @@ from pallas_amsgrad.kernels import common
 GRID_AXIS = "blocks"
 WARPGROUP_THREADS = 128
 WARP_THREADS = 32
+# Elements of flat blocks with 8-bit state (`Tiles`): a TMA bulk copy moves
+# whole 16 bytes from 16-byte boundaries, and a copy in (in Lane semantics)
+# whole 128 bytes, of 8-bit codes.
+COPY_UNIT = 16
+READ_UNIT = 128
 # Shared memory that a reduction across a warpgroup takes (Mosaic GPU's
 # `CompilerParams.reduction_scratch_bytes`): 8-bit state's rows' max |x|.
 REDUCTION_SCRATCH_BYTES = 128 * 4 * 4
@@ -153,12 +158,14 @@ def amsgrad_gpu_group(
       Per leaf, its outputs in the leaf's shape.
     """
     schedule = Schedule.current()
+    # With 8-bit state a launch's blocks are cut to its leaf's shape (`Tiles`).
+    per_launch = 1 if operands.quantizes else LEAVES_PER_LAUNCH
     return [
         leaf_outputs
-        for start in range(0, len(leaves), LEAVES_PER_LAUNCH)
+        for start in range(0, len(leaves), per_launch)
         for leaf_outputs in _launch(
             coefficients,
-            [tuple(leaf) for leaf in leaves[start : start + LEAVES_PER_LAUNCH]],
+            [tuple(leaf) for leaf in leaves[start : start + per_launch]],
             out_dtypes=tuple(out_dtypes),
             block_rows=block_rows,
             operands=operands,
@@ -166,15 +173,15 @@ def amsgrad_gpu_group(
             if table is None
             else table[
                 _rounding.TABLE_WIDTH * start : _rounding.TABLE_WIDTH
-                * (start + LEAVES_PER_LAUNCH)
+                * (start + per_launch)
             ],
             shard_runs=None
             if whole_shapes is None
             else tuple(
                 _rounding.runs(leaf[0].shape, whole)
                 for leaf, whole in zip(
-                    leaves[start : start + LEAVES_PER_LAUNCH],
-                    whole_shapes[start : start + LEAVES_PER_LAUNCH],
+                    leaves[start : start + per_launch],
+                    whole_shapes[start : start + per_launch],
                     strict=True,
                 )
             ),
@@ -214,7 +221,8 @@ def _launch(
     """One Mosaic GPU kernel for the leaves; see `amsgrad_gpu_group`.
     `shard_runs` places each leaf in its whole leaf (`_rounding.runs`) where
     the group rounds stochastically."""
-    views = [_views(leaf, operands) for leaf in leaves]
+    tiles = Tiles.of(leaves[0][0].shape, block_rows, operands)
+    views = [_views(leaf, operands, tiles) for leaf in leaves]
     inputs = list(itertools.chain.from_iterable(views))
     scalars = [coefficients] + ([] if table is None else [table])
     per_leaf_in, per_leaf_out = len(views[0]), len(out_dtypes)
@@ -234,12 +242,9 @@ def _launch(
         for name, dtype in zip(operands.outputs, out_dtypes, strict=True)
     ]
     new_outputs = [t for j, t in enumerate(out_types) if j not in output_of_input]
-    # Rows of a block: of 128 lanes, or whole quantization blocks.
-    width = views[0][0].shape[1]
-    tile_rows = max(1, block_rows * common.LANES // width)
     if operands.quantizes:
-        _check_quantized_fits(tile_rows, width, views[0], out_types[:per_leaf_out])
-    plan = segments([view[0].shape[0] for view in views], tile_rows)
+        _check_quantized_fits(tiles, operands, views[0], out_types[:per_leaf_out])
+    plan = segments([tiles.rows_of(leaf[0].shape) for leaf in leaves], tiles.rows)
     blocks = sum(s.blocks for s in plan)
     grid = min(blocks, schedule.ctas) if schedule.pipelined else blocks
 
@@ -263,6 +268,7 @@ def _launch(
         ]
         options = dict(
             operands=operands,
+            tiles=tiles,
             shard_runs=shard_runs,
             interpret=bool(interpret),
             # A skipped step where every output is written in place need not
@@ -285,7 +291,7 @@ def _launch(
                 table_ref,
                 leaf_refs,
                 plan=plan,
-                block_rows=min(tile_rows, max(view[0].shape[0] for view in views)),
+                block_rows=min(tiles.rows, max(s.rows for s in plan)),
                 **options,
             )
 
@@ -321,7 +327,7 @@ def _launch(
     ]
     return [
         tuple(
-            _from_view(out, _like(leaf, name, operands).shape, operands)
+            _from_view(out, _like(leaf, name, operands).shape, tiles)
             for name, out in zip(
                 operands.outputs,
                 flat[per_leaf_out * k : per_leaf_out * (k + 1)],
@@ -332,33 +338,132 @@ def _launch(
     ]
 
 
-def _views(leaf, operands: _math.Operands) -> tuple[jax.Array, ...]:
+class Tiles(NamedTuple):
+    """How a launch's views are cut into blocks of `rows` rows of `width`
+    elements.
+
+    (rows, width) views (`flat` False), of 128 lanes or, with 8-bit state, a
+    quantization block, are cut along their rows. With 8-bit state and leaf
+    rows that end in a shorter block (`flat`), the views are flat, of
+    `extent` elements (the leaf's, or more if padded), and a block is
+    `rows` leaf rows from a whole `COPY_UNIT`: copied in as a run of whole
+    `READ_UNIT`s, which starts at the block or, where that would pass the
+    view's end, ends at the view's end (`start`), into a buffer `spill`
+    elements longer (`_quantized_rows`); copied out as its own elements,
+    rounded up to a `COPY_UNIT` only in a padded view's last block.
+    """
+
+    rows: int
+    width: int
+    flat: bool = False
+    spill: int = 0
+    extent: int = 0
+    # Copies in promise to stay in bounds (8-bit state): each one bulk copy
+    # of a contiguous run, rather than TMA boxes of at most 256 elements a
+    # dim (a quantization block may be longer).
+    bulk: bool = False
+
+    @classmethod
+    def of(cls, shape, block_rows: int, operands: _math.Operands) -> Tiles:
+        """The blocks of about `block_rows` rows of 128 lanes of a leaf."""
+        elements = block_rows * common.LANES
+        if not operands.quantizes:
+            return cls(block_rows, common.LANES)
+        block, width = operands.block, shape[-1]
+        if width % block == 0:
+            return cls(max(1, elements // block), block, bulk=True)
+        # Rows from whose first a block starts a whole `COPY_UNIT` in.
+        unit = COPY_UNIT // math.gcd(width, COPY_UNIT)
+        leaf_rows = math.prod(shape) // width
+        rows = min(leaf_rows, max(unit, elements // width // unit * unit))
+        size = leaf_rows * width
+        extent = max(_round_up(size, COPY_UNIT), _round_up(rows * width, READ_UNIT))
+        return cls(
+            rows, width, flat=True, spill=-width % block, extent=extent, bulk=True
+        )
+
+    def rows_of(self, shape) -> int:
+        """The rows of a leaf's view (the last one padded, of 128 lanes)."""
+        return pl.cdiv(math.prod(shape), self.width)
+
+    def _read(self, rows: int) -> int:
+        return _round_up(rows * self.width, READ_UNIT)
+
+    def buffer_shape(self, rows: int) -> tuple[int, ...]:
+        """The SMEM buffer of a block of `rows` rows, per array."""
+        if not self.flat:
+            return (rows, self.width)
+        return (_round_up(self._read(rows) + max(self.spill, COPY_UNIT), READ_UNIT),)
+
+    def start(self, first_row, rows: int):
+        """Where in the flat view a block's copy in starts."""
+        return jnp.minimum(first_row * self.width, self.extent - self._read(rows))
+
+    def offset(self, first_row, rows: int):
+        """Where in its buffer the block's first row lies (0 unless flat)."""
+        if not self.flat:
+            return 0
+        return first_row * self.width - self.start(first_row, rows)
+
+    def copy_in(self, ref, buffer, first_row, rows: int):
+        """(GMEM window, SMEM buffer part) of a block's copy in."""
+        if not self.flat:
+            return ref.at[pl.ds(first_row, rows)], buffer.at[:rows]
+        read = self._read(rows)
+        return ref.at[pl.ds(self.start(first_row, rows), read)], buffer.at[:read]
+
+    def fetch(self, ref, buffer, first_row, rows: int, barrier):
+        """Starts a block's copy in, which arrives at `barrier`."""
+        src, dst = self.copy_in(ref, buffer, first_row, rows)
+        options = {}
+        if self.bulk:
+            options = dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+        plgpu.copy_gmem_to_smem(src, dst, barrier, **options)
+
+    def copy_out(self, buffer, ref, first_row, rows: int):
+        """(SMEM buffer part, GMEM window) of a block's copy out."""
+        if not self.flat:
+            return buffer.at[:rows], ref.at[pl.ds(first_row, rows)]
+        written = _round_up(rows * self.width, COPY_UNIT)
+        return (
+            buffer.at[pl.ds(self.offset(first_row, rows), written)],
+            ref.at[pl.ds(first_row * self.width, written)],
+        )
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def _views(leaf, operands: _math.Operands, tiles: Tiles) -> tuple[jax.Array, ...]:
     """A leaf's inputs as the kernel takes them: (rows, 128) views
-    (`common.as_rows`); with 8-bit state, (quantization blocks, block) views,
-    free where the last dim is a multiple of the block, and flat scales."""
+    (`common.as_rows`); with 8-bit state, (quantization blocks, block) views
+    or (`tiles.flat`) flat ones of `tiles.extent` elements, and the scales
+    flat: free, but for padding."""
     if not operands.quantizes:
         return tuple(map(common.as_rows, leaf))
-    shape, block = leaf[0].shape, operands.block
-    if shape[-1] % block:
-        raise NotImplementedError(
-            f"the cuda kernel takes 8-bit state for leaves whose last dim is a "
-            f"multiple of quantization_block={block}, not yet a leaf of shape "
-            f"{tuple(shape)}, whose rows end in a shorter block: use "
-            "implementation='xla' or None, which run it as XLA fusions, or "
-            "Pallas(platforms=('tpu',)) or ('cpu',) for the TPU kernel or "
-            "Pallas' generic interpreter"
-        )
-    return tuple(
-        x.reshape(-1) if _is_scales(name) else x.reshape(-1, block)
-        for name, x in zip(operands.inputs, leaf, strict=True)
-    )
+
+    def view(name, x):
+        if _is_scales(name):
+            return x.reshape(-1)
+        if not tiles.flat:
+            return x.reshape(-1, tiles.width)
+        flat = x.reshape(-1)
+        if padding := tiles.extent - flat.size:
+            flat = jnp.pad(flat, (0, padding))
+        return flat
+
+    return tuple(view(name, x) for name, x in zip(operands.inputs, leaf, strict=True))
 
 
-def _from_view(out, shape, operands: _math.Operands) -> jax.Array:
+def _from_view(out, shape, tiles: Tiles) -> jax.Array:
     """An output back in the shape of the input it replaces."""
-    if operands.quantizes:
-        return out.reshape(shape)
-    return common.from_rows(out, shape)
+    if tiles.width == common.LANES and not tiles.flat:
+        return common.from_rows(out, shape)
+    size = math.prod(shape)
+    flat = out.reshape(-1)
+    # No slice when nothing was padded: it would stay in the exported program.
+    return (flat[:size] if flat.size != size else flat).reshape(shape)
 
 
 def _like(leaf, name: str, operands: _math.Operands):
@@ -371,17 +476,32 @@ def _is_scales(name: str) -> bool:
     return name.endswith("_scales")
 
 
-def _check_quantized_fits(tile_rows, width, view, out_types):
-    """Raises where one stage of blocks of `tile_rows` quantization blocks
-    (every array but the scales) overflows shared memory."""
-    dtypes = [a.dtype for a in (*view, *out_types) if a.ndim == 2]
-    needed = common.on_chip_bytes(tile_rows * width // common.LANES, dtypes, "cuda")
-    if needed + REDUCTION_SCRATCH_BYTES > common.GPU_SMEM_BYTES:
-        raise ValueError(
-            f"a block of {tile_rows} quantization blocks of {width} elements "
-            f"needs {needed} bytes of shared memory on cuda, more than its "
-            f"{common.GPU_SMEM_BYTES - REDUCTION_SCRATCH_BYTES}; use a smaller "
-            "quantization_block"
+def _check_quantized_fits(tiles: Tiles, operands, view, out_types):
+    """Raises where one stage of blocks (every array but the scales)
+    overflows shared memory: too long a quantization block, or leaf rows too
+    long to take whole (those that end in a shorter block)."""
+    names = (*operands.inputs, *operands.outputs)
+    dtypes = [
+        a.dtype
+        for name, a in zip(names, (*view, *out_types), strict=True)
+        if not _is_scales(name)
+    ]
+    rows = math.prod(tiles.buffer_shape(tiles.rows))
+    needed = common.on_chip_bytes(pl.cdiv(rows, common.LANES), dtypes, "cuda")
+    limit = common.GPU_SMEM_BYTES - REDUCTION_SCRATCH_BYTES
+    if needed > limit:
+        what = (
+            f"{tiles.rows} rows of {tiles.width} elements, which end in a "
+            "shorter quantization block,"
+            if tiles.flat
+            else f"{tiles.rows} quantization blocks of {tiles.width} elements"
+        )
+        raise NotImplementedError(
+            f"a block of {what} needs {needed} bytes of shared memory on cuda, "
+            f"more than its {limit}: the cuda kernel does not take this leaf "
+            "yet; use implementation='xla' or None, which run it as XLA "
+            "fusions, or Pallas(platforms=('tpu',)) or ('cpu',) for the TPU "
+            "kernel or Pallas' generic interpreter"
         )
 
 
@@ -466,19 +586,20 @@ def _pipelined_kernel(
     grid,
     max_stages,
     operands,
+    tiles,
     shard_runs,
     interpret,
     skippable,
 ):
     """CUDA block `b` of `grid` runs the blocks `g` of the plan with
     `g % grid == b`: a `_ring` per segment, in turn (none, if `skippable`,
-    on a step the finite guard rejects). `leaves` are the `LeafRefs`. Where
-    the group rounds stochastically, `table_ref` holds the leaves' stream
-    keys and bases and `shard_runs` places each leaf in its whole leaf."""
+    on a step the finite guard rejects). `leaves` are the `LeafRefs`, cut
+    as `tiles` say. Where the group rounds stochastically, `table_ref` holds
+    the leaves' stream keys and bases and `shard_runs` places each leaf in
+    its whole leaf."""
     cta = jax.lax.axis_index(GRID_AXIS)
-    body = _body(coefficients_ref, operands, interpret)
+    body = _body(coefficients_ref, operands, tiles, interpret)
     dtypes = [r.dtype for r in (*leaves[0].ins, *leaves[0].outs)]
-    lanes_per_row = leaves[0].ins[0].shape[1] // common.LANES
     reserved = REDUCTION_SCRATCH_BYTES if operands.quantizes else 0
 
     def run():
@@ -489,12 +610,14 @@ def _pipelined_kernel(
                 keys, base = common.table_row(table_ref, k)
                 streams = (keys, base, shard_runs[k])
             first, steps = share(segment, cta, grid)
+            elements = math.prod(tiles.buffer_shape(segment.rows))
             stages = ring_stages(
-                segment.rows * lanes_per_row, dtypes, max_stages, reserved
+                pl.cdiv(elements, common.LANES), dtypes, max_stages, reserved
             )
             _ring(
                 leaves[k],
                 segment,
+                tiles,
                 first=first,
                 steps=steps,
                 stride=grid,
@@ -510,10 +633,10 @@ def _pipelined_kernel(
         run()
 
 
-def _ring(leaf, segment, *, first, steps, stride, stages, body, streams):
+def _ring(leaf, segment, tiles, *, first, steps, stride, stages, body, streams):
     """Blocks `first`, `first + stride`, ... (`steps` of them) of `segment`,
-    of one leaf's arrays through SMEM (`leaf.ins`, `leaf.outs`), through
-    `stages` SMEM slots of each.
+    of one leaf's arrays through SMEM (`leaf.ins`, `leaf.outs`, cut as
+    `tiles` say), through `stages` SMEM slots of each.
 
     Iteration `i` copies block `i` in (slot `i % stages`, its own barrier,
     which every input's copy arrives at) and computes block
@@ -526,7 +649,6 @@ def _ring(leaf, segment, *, first, steps, stride, stages, body, streams):
     """
     ins, outs = leaf.ins, leaf.outs
     rows = segment.rows
-    shape = (rows, ins[0].shape[1])
 
     def window(step):
         block = first + step * stride
@@ -535,9 +657,8 @@ def _ring(leaf, segment, *, first, steps, stride, stages, body, streams):
     def scoped(in_slots, out_slots, barriers):
         def fetch(step):
             slot = jax.lax.rem(step, stages)
-            here = pl.ds(window(step), rows)
             for ref, buf in zip(ins, in_slots, strict=True):
-                plgpu.copy_gmem_to_smem(ref.at[here], buf.at[slot], barriers.at[slot])
+                tiles.fetch(ref, buf.at[slot], window(step), rows, barriers.at[slot])
 
         def compute(step):
             slot = jax.lax.rem(step, stages)
@@ -550,22 +671,23 @@ def _ring(leaf, segment, *, first, steps, stride, stages, body, streams):
             if streams is not None:
                 keys, base, runs = streams
                 rounding = dict(
-                    keys=keys,
-                    index=lambda layout: _tile_index(
-                        base, first_row, shape, runs, layout
-                    ),
+                    keys=keys, index=functools.partial(_tile_index, base, runs)
                 )
             body(
                 leaf,
                 first_row,
+                rows,
+                tiles.offset(first_row, rows),
                 [buf.at[slot] for buf in in_slots],
                 [buf.at[slot] for buf in out_slots],
                 **rounding,
             )
             plgpu.commit_smem()
-            here = pl.ds(first_row, rows)
             for buf, ref in zip(out_slots, outs, strict=True):
-                plgpu.copy_smem_to_gmem(buf.at[slot], ref.at[here], commit_group=False)
+                plgpu.copy_smem_to_gmem(
+                    *tiles.copy_out(buf.at[slot], ref, first_row, rows),
+                    commit_group=False,
+                )
             plgpu.commit_smem_to_gmem_group()
 
         def iteration(i, carry):
@@ -576,6 +698,7 @@ def _ring(leaf, segment, *, first, steps, stride, stages, body, streams):
         jax.lax.fori_loop(0, steps + (stages - 1), iteration, 0)
         plgpu.wait_smem_to_gmem(0)
 
+    shape = tiles.buffer_shape(rows)
     pl.run_scoped(
         scoped,
         [plgpu.SMEM((stages, *shape), r.dtype) for r in ins],
@@ -592,20 +715,21 @@ def _group_kernel(
     plan,
     block_rows,
     operands,
+    tiles,
     shard_runs,
     interpret,
     skippable,
 ):
     """Runs the one segment this CUDA block belongs to (none, if
     `skippable`, on a step the finite guard rejects). `leaves` are the
-    `LeafRefs`. Where the group rounds stochastically, `table_ref` holds the
-    leaves' stream keys and bases and `shard_runs` places each leaf in its
-    whole leaf."""
+    `LeafRefs`, cut as `tiles` say. Where the group rounds stochastically,
+    `table_ref` holds the leaves' stream keys and bases and `shard_runs`
+    places each leaf in its whole leaf."""
     block = jax.lax.axis_index(GRID_AXIS)
     active = True
     if skippable:
         active = common.accepts(coefficients_ref)
-    body = _body(coefficients_ref, operands, interpret)
+    body = _body(coefficients_ref, operands, tiles, interpret)
     # One body per block height (whole blocks, and each distinct tail),
     # however many leaves: the segments differ only in their TMA copies.
     # With 8-bit state, one per leaf too: the body reads the leaf's scales.
@@ -616,30 +740,37 @@ def _group_kernel(
 
     def scoped(in_buffers, out_buffers, barriers):
         for (height, _), members in sorted(kinds.items()):
+            # Flat buffers are whole for the body, which finds the rows.
+            ins, outs = (
+                [buf if tiles.flat else buf.at[:height] for buf in buffers]
+                for buffers in (in_buffers, out_buffers)
+            )
             _blocks_of_height(
                 [(s, leaves[s.leaf]) for s in members],
+                tiles,
                 block,
                 active,
                 body,
-                [buf.at[:height] for buf in in_buffers],
-                [buf.at[:height] for buf in out_buffers],
+                ins,
+                outs,
                 barriers,
                 None
                 if table_ref is None
                 else functools.partial(_block_streams, table_ref, shard_runs),
             )
 
-    width = leaves[0].ins[0].shape[1]
+    shape = tiles.buffer_shape(block_rows)
     pl.run_scoped(
         scoped,
-        [plgpu.SMEM((block_rows, width), r.dtype) for r in leaves[0].ins],
-        [plgpu.SMEM((block_rows, width), r.dtype) for r in leaves[0].outs],
+        [plgpu.SMEM(shape, r.dtype) for r in leaves[0].ins],
+        [plgpu.SMEM(shape, r.dtype) for r in leaves[0].outs],
         plgpu.Barrier(num_barriers=len(leaves[0].ins)),
     )
 
 
 def _blocks_of_height(
     members,
+    tiles,
     block,
     active,
     body,
@@ -652,31 +783,38 @@ def _blocks_of_height(
     with its leaf's `LeafRefs`) and `active`: its leaf's inputs in by TMA at
     once, the body, its outputs out by TMA. With `streams` (`_block_streams`
     with its table and runs bound), the body rounds stochastically."""
+    height = members[0][0].rows
     inside = [
         (block >= s.first_block) & (block < s.first_block + s.blocks)
         for s, _ in members
     ]
-    windows = [
-        pl.ds(s.row_start + (block - s.first_block) * s.rows, s.rows)
-        for s, _ in members
-    ]
+    first_rows = [s.row_start + (block - s.first_block) * s.rows for s, _ in members]
 
     @pl.when(functools.reduce(operator.or_, inside) & active)
     def _():
-        for here, rows, (_, leaf) in zip(inside, windows, members, strict=True):
-            _copy_in_if(here, leaf.ins, rows, in_buffers, barriers)
+        for here, first, (_, leaf) in zip(inside, first_rows, members, strict=True):
+            _copy_in_if(here, tiles, leaf.ins, first, height, in_buffers, barriers)
         for i in range(len(in_buffers)):
             plgpu.barrier_wait(barriers.at[i])
         rounding = {}
         if streams is not None:
-            rounding = streams(members, inside, windows)
-        # The leaf and rows of the block: `_quantized_kernel`'s scales (of
-        # one leaf: `_group_kernel` gives it segments of one).
-        first_row = _of_mine(inside, [rows.start for rows in windows])
-        body(members[0][1], first_row, in_buffers, out_buffers, **rounding)
+            rounding = streams(members, inside)
+        # The leaf is `_quantized_kernel`'s, for its scales: `_group_kernel`
+        # gives it segments of one leaf.
+        first_row = _of_mine(inside, first_rows)
+        offset = tiles.offset(first_row, height)
+        body(
+            members[0][1],
+            first_row,
+            height,
+            offset,
+            in_buffers,
+            out_buffers,
+            **rounding,
+        )
         plgpu.commit_smem()
-        for here, rows, (_, leaf) in zip(inside, windows, members, strict=True):
-            _copy_out_if(here, out_buffers, leaf.outs, rows)
+        for here, first, (_, leaf) in zip(inside, first_rows, members, strict=True):
+            _copy_out_if(here, tiles, out_buffers, leaf.outs, first, height)
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -691,7 +829,7 @@ def _of_mine(inside, values):
     )
 
 
-def _block_streams(table_ref, shard_runs, members, inside, windows) -> dict:
+def _block_streams(table_ref, shard_runs, members, inside) -> dict:
     """The body's `keys` and `index` for this CUDA block: those of the one
     segment it is `inside`."""
     leaves = [s.leaf for s, _ in members]
@@ -699,104 +837,174 @@ def _block_streams(table_ref, shard_runs, members, inside, windows) -> dict:
     # constant offset.
     leaf = leaves[0] if len(set(leaves)) == 1 else _of_mine(inside, leaves)
     keys, base = common.table_row(table_ref, leaf)
-    first_row = _of_mine(inside, [rows.start for rows in windows])
-    segment, refs = members[0]
-    shape = (segment.rows, refs.ins[0].shape[1])
     member_runs = [shard_runs[k] for k in leaves]
 
-    def index(layout):
+    def index(start, shape, layout):
         if len(set(member_runs)) == 1:
-            return _tile_index(base, first_row, shape, member_runs[0], layout)
+            return _tile_index(base, member_runs[0], start, shape, layout)
         return _of_mine(
             inside,
-            [_tile_index(base, first_row, shape, runs, layout) for runs in member_runs],
+            [_tile_index(base, runs, start, shape, layout) for runs in member_runs],
         )
 
     return dict(keys=keys, index=index)
 
 
-def _tile_index(base, first_row, shape, shard_runs, layout=None) -> jax.Array:
+def _tile_index(base, shard_runs, start, shape, layout=None) -> jax.Array:
     """The flat index in the whole leaf of each element of a (rows, width)
-    block whose first row is `first_row` of a shard's (rows, width) view (its
-    flat order cut into rows), the shard lying in its leaf as `shard_runs`
-    (`_rounding.runs`) say from the leaf's flat index `base`; `layout`
-    places the iota (`common.iota`)."""
+    array of a shard's consecutive elements from its flat index `start`,
+    the shard lying in its leaf as `shard_runs` (`_rounding.runs`) say from
+    the leaf's flat index `base`; `layout` places the iota
+    (`common.iota`)."""
     rows, cols = (common.iota(shape, d, layout) for d in range(2))
-    width = jnp.uint32(shape[1])
-    local = jnp.asarray(first_row, jnp.uint32) * width + rows * width + cols
+    local = jnp.asarray(start, jnp.uint32) + rows * jnp.uint32(shape[1]) + cols
     return jnp.asarray(base, jnp.uint32) + _rounding.whole_offset(local, shard_runs)
 
 
-def _copy_in_if(condition, inputs, rows, buffers, barriers):
+def _copy_in_if(condition, tiles, inputs, first_row, rows, buffers, barriers):
     @pl.when(condition)
     def _():
         for i, (ref, buf) in enumerate(zip(inputs, buffers, strict=True)):
-            plgpu.copy_gmem_to_smem(ref.at[rows], buf, barriers.at[i])
+            tiles.fetch(ref, buf, first_row, rows, barriers.at[i])
 
 
-def _copy_out_if(condition, buffers, outputs, rows):
+def _copy_out_if(condition, tiles, buffers, outputs, first_row, rows):
     @pl.when(condition)
     def _():
         for buf, ref in zip(buffers, outputs, strict=True):
-            plgpu.copy_smem_to_gmem(buf, ref.at[rows])
+            plgpu.copy_smem_to_gmem(*tiles.copy_out(buf, ref, first_row, rows))
 
 
-def _body(coefficients_ref, operands, interpret):
-    """The body on a block's SMEM buffers (`in_buffers`, `out_buffers`) of a
-    leaf (its `LeafRefs`) whose first row is `first_row`:
-    `common.amsgrad_kernel`, or `_quantized_kernel` with 8-bit state. With
-    `keys` and `index` (a function of the iota's layout cast), it rounds
-    stochastically."""
+def _body(coefficients_ref, operands, tiles, interpret):
+    """The body on a block's SMEM buffers (`in_buffers`, `out_buffers`) of
+    `rows` rows from `first_row` of a leaf (its `LeafRefs`), cut as `tiles`
+    say, the first row `offset` elements in where flat: `common.amsgrad_kernel`, or with 8-bit state `_quantized_kernel`
+    on the block, or row by row (`tiles.flat`). With `keys` and `index`
+    (`_tile_index` with its base and runs bound), it rounds stochastically."""
+    # jax 0.10's Mosaic GPU interpreter has no `plgpu.load` or layouts.
+    choose = (lambda _: None) if interpret else (lambda layout: layout)
 
-    def run(leaf, first_row, in_buffers, out_buffers, keys=None, index=None):
-        shape = in_buffers[0].shape
-        # jax 0.10's Mosaic GPU interpreter has no `plgpu.load` or layouts.
-        layout = None
-        if not interpret:
-            layout = (
-                _rows_layout(shape) if operands.quantizes else _strided_layout(shape)
+    def run(
+        leaf, first_row, rows, offset, in_buffers, out_buffers, keys=None, index=None
+    ):
+        def rounding(start, shape, layout):
+            if keys is None:
+                return {}
+            return dict(keys=keys, index=lambda: index(start, shape, _cast_to(layout)))
+
+        shape = (rows, tiles.width)
+        if not operands.quantizes:
+            layout = choose(_strided_layout(shape))
+            return common.amsgrad_kernel(
+                coefficients_ref,
+                *in_buffers,
+                *out_buffers,
+                operands=operands,
+                load=common.load if layout is None else _loader(layout),
+                sqrt=_math.sqrt_via_rsqrt,
+                **rounding(first_row * tiles.width, shape, layout),
             )
-        rounding = {}
-        if keys is not None:
-            rounding = dict(keys=keys, index=lambda: index(_cast_to(layout)))
-        if operands.quantizes:
+        if not tiles.flat:
+            layout = choose(_rows_layout(tiles.width))
             return _quantized_kernel(
                 coefficients_ref,
                 leaf,
                 first_row,
-                *in_buffers,
-                *out_buffers,
+                in_buffers,
+                out_buffers,
                 operands=operands,
                 layout=layout,
-                **rounding,
+                **rounding(first_row * tiles.width, shape, layout),
             )
-        return common.amsgrad_kernel(
+        _quantized_rows(
             coefficients_ref,
-            *in_buffers,
-            *out_buffers,
+            leaf,
+            first_row,
+            rows,
+            offset,
+            in_buffers,
+            out_buffers,
             operands=operands,
-            load=common.load if interpret else functools.partial(_load, layout=layout),
-            sqrt=_math.sqrt_via_rsqrt,
-            **rounding,
+            tiles=tiles,
+            choose=choose,
+            rounding=rounding,
         )
 
     return run
 
 
-def _quantized_kernel(
+def _quantized_rows(
     coefficients_ref,
     leaf,
     first_row,
-    *refs,
+    rows,
+    offset,
+    in_buffers,
+    out_buffers,
+    *,
+    operands,
+    tiles,
+    choose,
+    rounding,
+):
+    """`_quantized_kernel` on each of a flat block's `rows` leaf rows (the
+    first `offset` elements into the buffers), as its blocks: a row of
+    `tiles.width` elements from its first, and as many
+    after it as make its shorter last block a whole one (`tiles.spill`)
+    masked out of the scale. What it writes there is the next row's first
+    block, which that row writes after (every store is behind a warpgroup
+    barrier), or the buffer's end."""
+    width, block = tiles.width, operands.block
+    shape = (pl.cdiv(width, block), block)
+    # Rows of odd length start at odd elements: one element per load.
+    layout = choose(_rows_layout(block, vec_size=2 if width % 2 == 0 else 1))
+
+    def row(r, carry):
+        window = pl.ds(offset + r * width, math.prod(shape))
+
+        def view(buf):
+            # jax 0.10's Mosaic GPU interpreter reshapes no refs: the body
+            # reshapes the values.
+            return buf.at[window] if layout is None else buf.at[window].reshape(*shape)
+
+        here = first_row + r
+        _quantized_kernel(
+            coefficients_ref,
+            leaf,
+            here * shape[0],
+            [view(buf) for buf in in_buffers],
+            [view(buf) for buf in out_buffers],
+            operands=operands,
+            layout=layout,
+            shape=shape,
+            length=width,
+            **rounding(here * width, shape, layout),
+        )
+        return carry
+
+    jax.lax.fori_loop(0, rows, row, 0)
+
+
+def _quantized_kernel(
+    coefficients_ref,
+    leaf,
+    first_scale,
+    in_refs,
+    out_refs,
+    *,
     operands,
     layout=None,
+    shape=None,
+    length=None,
     keys=None,
     index=None,
 ):
-    """The body with 8-bit state: `refs` are a block's SMEM buffers of the
-    leaf's arrays but the scales (inputs, then outputs, in `operands`
-    order), each (rows, block), a row a quantization block; the rows'
-    scales are the leaf's (`leaf`, `LeafRefs`) from `first_row`, in GMEM.
+    """The body with 8-bit state: `in_refs` and `out_refs` are SMEM buffers
+    of the leaf's arrays but the scales (in `operands` order), each
+    (rows, block) (or flat, with that `shape`), a row a quantization block;
+    the rows' scales are the leaf's (`leaf`, `LeafRefs`) from
+    `first_scale`, in GMEM. With `length`, the rows are one leaf row's
+    blocks, `length` elements of them its own.
 
     Decodes the moments by their rows' scales, runs `step_block` in the
     compute dtype and encodes each new moment by its rows' max |x|, with the
@@ -804,12 +1012,15 @@ def _quantized_kernel(
     bitwise. `layout` (None when interpreted) is `_rows_layout`: every
     array of the block is in it, and a row's scale in its reduction.
     """
-    blocked_in = [name for name in operands.inputs if not _is_scales(name)]
-    blocked_out = [name for name in operands.outputs if not _is_scales(name)]
-    in_refs = dict(zip(blocked_in, refs[: len(blocked_in)], strict=True))
-    out_refs = dict(zip(blocked_out, refs[len(blocked_in) :], strict=True))
-    shape = refs[0].shape
-    rows = pl.ds(first_row, shape[0])
+    in_refs = dict(
+        zip([n for n in operands.inputs if not _is_scales(n)], in_refs, strict=True)
+    )
+    out_refs = dict(
+        zip([n for n in operands.outputs if not _is_scales(n)], out_refs, strict=True)
+    )
+    if shape is None:
+        shape = next(iter(in_refs.values())).shape
+    rows = pl.ds(first_scale, shape[0])
     cast = _cast_to(layout)
 
     def across(field):
@@ -818,13 +1029,17 @@ def _quantized_kernel(
         return spread if cast is None else cast(spread)
 
     def load(ref):
-        return common.load(ref) if layout is None else _load(ref, layout=layout)
+        return common.load(ref).reshape(shape)
 
-    def load_scales(ref):
-        if layout is None:
-            return common.load(ref)
-        # Of a few scales a row apart, to no SMEM: an unoptimized load.
-        return _load(ref, layout=layout.reduce(1), optimized=False)
+    load_scales = common.load
+    if layout is not None:
+        load = _loader(layout)
+        # Of a few scales in GMEM: an unoptimized load (no SMEM to stage).
+        load_scales = _loader(layout.reduce(1), optimized=False)
+    valid = None
+    if length is not None:
+        positions = [common.iota(shape, d, cast) for d in range(2)]
+        valid = positions[0] * jnp.uint32(shape[1]) + positions[1] < length
 
     inputs, read = [], []  # Scales as exponent fields: per element, per row.
     for name in operands.inputs:
@@ -837,7 +1052,7 @@ def _quantized_kernel(
         read.append(field)
 
     def quantized(x, cmap, rounding, random):
-        field = _row_fields(x, cmap)
+        field = _row_fields(x, cmap, valid)
         codes = _quantization.encode(x, across(field), cmap, rounding, random)
         return codes, field
 
@@ -868,7 +1083,8 @@ def _quantized_kernel(
         if _is_scales(name):
             leaf.out_scales[name][rows] = _quantization.scales_of(value)
         else:
-            out_refs[name][...] = value.astype(out_refs[name].dtype)
+            ref = out_refs[name]
+            ref[...] = value.astype(ref.dtype).reshape(ref.shape)
 
 
 def _widened(x) -> jax.Array:
@@ -876,11 +1092,14 @@ def _widened(x) -> jax.Array:
     return x.astype(jnp.int32) if jnp.dtype(x.dtype).itemsize == 1 else x
 
 
-def _row_fields(x, cmap) -> jax.Array:
+def _row_fields(x, cmap, valid=None) -> jax.Array:
     """The exponent field of each row's scale (rows,): `_quantization`'s
-    `block_absmax` and `scale_field` of a row, its max reduced away
-    (Mosaic GPU keeps no (rows, 1) array in the rows' layout)."""
+    `block_absmax` (`valid` masking what is not the row's) and
+    `scale_field`, the max reduced away (Mosaic GPU keeps no (rows, 1)
+    array in the rows' layout)."""
     bits = jnp.minimum(_quantization.magnitude_bits(x), _quantization._INFINITY_BITS)
+    if valid is not None:
+        bits = jnp.where(valid, bits, 0)
     absmax = jnp.max(jax.lax.bitcast_convert_type(bits, jnp.float32), axis=-1)
     absmax_bits = jax.lax.bitcast_convert_type(absmax, jnp.int32)
     return _quantization.scale_field(absmax_bits, cmap)
@@ -893,15 +1112,19 @@ def _cast_to(layout):
     return functools.partial(plgpu.layout_cast, new_layout=layout)
 
 
-def _load(ref, *, layout, optimized=True):
+def _loader(layout, optimized=True):
     """Loads a block in `layout`, whatever its dtype.
 
     Mosaic GPU picks a layout per dtype by default, and cannot then add a
     bfloat16 parameter widened to float32 to a float32 update.
     """
-    if _LOAD_NEEDS_INDEX:
-        return plgpu.load(ref, (), layout=layout, optimized=optimized)
-    return plgpu.load(ref, layout=layout, optimized=optimized)
+
+    def load(ref):
+        if _LOAD_NEEDS_INDEX:
+            return plgpu.load(ref, (), layout=layout, optimized=optimized)
+        return plgpu.load(ref, layout=layout, optimized=optimized)
+
+    return load
 
 
 def _strided_layout(shape):
@@ -914,13 +1137,14 @@ def _strided_layout(shape):
     return plgpu.Layout.WG_STRIDED(tuple(shape), vec_size=vec_size)
 
 
-def _rows_layout(shape):
-    """A (rows, block) block with each row spread over a warpgroup's 128
-    threads, `vec_size` consecutive elements each (of one 8-byte load where
-    they are float32), and the rows over each thread's registers: a row's
-    max is one reduction (`layout.reduce(1)`)."""
-    _, width = shape
-    vec_size = 2 if width % (2 * WARPGROUP_THREADS) == 0 else 1
+def _rows_layout(width, vec_size=2):
+    """A layout of (rows, width) blocks, with each row spread over a
+    warpgroup's 128 threads, `vec_size` consecutive elements each (one
+    8-byte load of float32, where it divides `width / 128`), and the rows
+    over each thread's registers: a row's max is one reduction
+    (`layout.reduce(1)`)."""
+    if width % (vec_size * WARPGROUP_THREADS):
+        vec_size = 1
     return plgpu.Layout.TILED(
         plgpu.Tiling(
             ((1, WARPGROUP_THREADS * vec_size), (WARP_THREADS * vec_size,), (vec_size,))
