@@ -243,7 +243,9 @@ def _launch(
     ]
     new_outputs = [t for j, t in enumerate(out_types) if j not in output_of_input]
     if operands.quantizes:
-        _check_quantized_fits(tiles, operands, views[0], out_types[:per_leaf_out])
+        _check_quantized_fits(
+            leaves[0][0].shape, tiles, operands, views[0], out_types[:per_leaf_out]
+        )
     plan = segments([tiles.rows_of(leaf[0].shape) for leaf in leaves], tiles.rows)
     blocks = sum(s.blocks for s in plan)
     grid = min(blocks, schedule.ctas) if schedule.pipelined else blocks
@@ -350,7 +352,9 @@ class Tiles(NamedTuple):
     `READ_UNIT`s, which starts at the block or, where that would pass the
     view's end, ends at the view's end (`start`), into a buffer `spill`
     elements longer (`_quantized_rows`); copied out as its own elements,
-    rounded up to a `COPY_UNIT` only in a padded view's last block.
+    rounded up to a `COPY_UNIT` only in a padded view's last block. What a
+    copy in reads past its block's rows (of blocks that other CUDA blocks
+    may be writing) fills only what the body masks out.
     """
 
     rows: int
@@ -476,32 +480,34 @@ def _is_scales(name: str) -> bool:
     return name.endswith("_scales")
 
 
-def _check_quantized_fits(tiles: Tiles, operands, view, out_types):
-    """Raises where one stage of blocks (every array but the scales)
-    overflows shared memory: too long a quantization block, or leaf rows too
-    long to take whole (those that end in a shorter block)."""
+def _check_quantized_fits(shape, tiles: Tiles, operands, view, out_types):
+    """Raises, naming the leaf's `shape`, where one stage of its blocks
+    (every array but the scales) overflows shared memory: leaf rows too
+    long to take whole (those that end in a shorter block), or too long a
+    quantization block."""
     names = (*operands.inputs, *operands.outputs)
     dtypes = [
         a.dtype
         for name, a in zip(names, (*view, *out_types), strict=True)
         if not _is_scales(name)
     ]
-    rows = math.prod(tiles.buffer_shape(tiles.rows))
-    needed = common.on_chip_bytes(pl.cdiv(rows, common.LANES), dtypes, "cuda")
+    elements = math.prod(tiles.buffer_shape(tiles.rows))
+    needed = common.on_chip_bytes(pl.cdiv(elements, common.LANES), dtypes, "cuda")
     limit = common.GPU_SMEM_BYTES - REDUCTION_SCRATCH_BYTES
     if needed > limit:
         what = (
-            f"{tiles.rows} rows of {tiles.width} elements, which end in a "
-            "shorter quantization block,"
+            f"rows of {tiles.width} elements, which end in a shorter "
+            f"quantization block of {operands.block}, are taken whole"
             if tiles.flat
-            else f"{tiles.rows} quantization blocks of {tiles.width} elements"
+            else f"quantization blocks of {tiles.width} elements"
         )
         raise NotImplementedError(
-            f"a block of {what} needs {needed} bytes of shared memory on cuda, "
-            f"more than its {limit}: the cuda kernel does not take this leaf "
-            "yet; use implementation='xla' or None, which run it as XLA "
-            "fusions, or Pallas(platforms=('tpu',)) or ('cpu',) for the TPU "
-            "kernel or Pallas' generic interpreter"
+            f"the cuda kernel does not take 8-bit state of a leaf of shape "
+            f"{tuple(shape)} yet: its {what}, {tiles.rows} to a block, which "
+            f"needs {needed} bytes of shared memory, more than its {limit}. "
+            "Use implementation='xla' or None, which run it as XLA fusions, "
+            "or Pallas(platforms=('tpu',)) or ('cpu',) for the TPU kernel or "
+            "Pallas' generic interpreter"
         )
 
 
