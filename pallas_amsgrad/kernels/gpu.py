@@ -17,18 +17,21 @@ in GMEM, viewed as (rows, 128) and cut into (block_rows, 128) blocks
 The leaves written in place are passed as `jax.Ref`s, which `pl.kernel`
 aliases to its outputs.
 
-With 8-bit state (`_quantization`) a leaf's codes, param and grad are
-viewed as (quantization blocks, block) instead, a block of the kernel being
-some whole quantization blocks, and the scales as a flat (quantization
-blocks,) array that the body reads and writes in GMEM, one scale per row of
-the block: `_quantized_kernel` decodes, steps and encodes the rows in a
-register layout that gives each row's max |x| by one reduction (`_rows`).
+With 8-bit state (`_quantization`) the arrays but the scales are viewed as
+(quantization blocks, block) and a block of the kernel is some whole
+quantization blocks; or, where leaf rows end in a shorter quantization
+block, flat, a block of the kernel being whole leaf rows, stepped row by
+row (`Tiles`). The scales, flat, stay in GMEM: the body reads and writes
+its rows'. `_quantized_kernel` decodes, steps and encodes rows of
+quantization blocks in a register layout that gives each row's max |x| by
+one reduction (`_rows_layout`), with the XLA path's arithmetic.
 
 Layers read top-down: `amsgrad_gpu_group` (launches) -> `_launch` (views,
 refs, `pl.kernel`) -> `_pipelined_kernel` (a `_ring` per segment: SMEM slots,
 TMA in, the body, TMA out) or `_group_kernel` (SMEM buffers) ->
 `_blocks_of_height` (one branch per block height: TMA in from the block's
-leaf, the body, TMA out).
+leaf, the body, TMA out); the body (`_body`) is `common.amsgrad_kernel` or
+`_quantized_kernel` (by `_quantized_rows` where flat).
 """
 
 from __future__ import annotations
@@ -329,7 +332,7 @@ def _launch(
     ]
     return [
         tuple(
-            _from_view(out, _like(leaf, name, operands).shape, tiles)
+            common.from_rows(out, _like(leaf, name, operands).shape)
             for name, out in zip(
                 operands.outputs,
                 flat[per_leaf_out * k : per_leaf_out * (k + 1)],
@@ -460,16 +463,6 @@ def _views(leaf, operands: _math.Operands, tiles: Tiles) -> tuple[jax.Array, ...
     return tuple(view(name, x) for name, x in zip(operands.inputs, leaf, strict=True))
 
 
-def _from_view(out, shape, tiles: Tiles) -> jax.Array:
-    """An output back in the shape of the input it replaces."""
-    if tiles.width == common.LANES and not tiles.flat:
-        return common.from_rows(out, shape)
-    size = math.prod(shape)
-    flat = out.reshape(-1)
-    # No slice when nothing was padded: it would stay in the exported program.
-    return (flat[:size] if flat.size != size else flat).reshape(shape)
-
-
 def _like(leaf, name: str, operands: _math.Operands):
     """The input of a leaf whose shape the output `name` takes: the input of
     that name, else (the update) the leaf's first."""
@@ -515,7 +508,8 @@ class LeafRefs(NamedTuple):
     """One leaf's refs in a kernel: those whose blocks go through SMEM
     (`ins`, `outs`, in `operands` order) and, with 8-bit state, the scales by
     name (`in_scales`, `out_scales`), which the body reads and writes in
-    GMEM (a few per block, too few bytes for a TMA copy)."""
+    GMEM (4 bytes a quantization block: rarely the whole 128 bytes that a
+    copy in takes)."""
 
     ins: tuple
     outs: tuple
@@ -884,8 +878,9 @@ def _copy_out_if(condition, tiles, buffers, outputs, first_row, rows):
 def _body(coefficients_ref, operands, tiles, interpret):
     """The body on a block's SMEM buffers (`in_buffers`, `out_buffers`) of
     `rows` rows from `first_row` of a leaf (its `LeafRefs`), cut as `tiles`
-    say, the first row `offset` elements in where flat: `common.amsgrad_kernel`, or with 8-bit state `_quantized_kernel`
-    on the block, or row by row (`tiles.flat`). With `keys` and `index`
+    say (where flat, the first row `offset` elements in):
+    `common.amsgrad_kernel`, or with 8-bit state `_quantized_kernel` on the
+    block, or row by row (`_quantized_rows`). With `keys` and `index`
     (`_tile_index` with its base and runs bound), it rounds stochastically."""
     # jax 0.10's Mosaic GPU interpreter has no `plgpu.load` or layouts.
     choose = (lambda _: None) if interpret else (lambda layout: layout)
@@ -954,12 +949,12 @@ def _quantized_rows(
     rounding,
 ):
     """`_quantized_kernel` on each of a flat block's `rows` leaf rows (the
-    first `offset` elements into the buffers), as its blocks: a row of
-    `tiles.width` elements from its first, and as many
-    after it as make its shorter last block a whole one (`tiles.spill`)
-    masked out of the scale. What it writes there is the next row's first
-    block, which that row writes after (every store is behind a warpgroup
-    barrier), or the buffer's end."""
+    first `offset` elements into the buffers), as its quantization blocks:
+    the row's `tiles.width` elements and as many after them as make its
+    shorter last block a whole one (`tiles.spill`), masked out of that
+    block's scale. What it writes there is the next row's first block,
+    which that row writes after (every store is behind a warpgroup barrier),
+    or past the block's rows."""
     width, block = tiles.width, operands.block
     shape = (pl.cdiv(width, block), block)
     # Rows of odd length start at odd elements: one element per load.
