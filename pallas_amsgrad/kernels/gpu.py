@@ -105,8 +105,9 @@ _LOAD_NEEDS_INDEX = (
 
 
 class Segment(NamedTuple):
-    """Consecutive CUDA blocks that each take `rows` rows of leaf `leaf`:
-    its whole blocks, or the tail rows that a block size leaves over."""
+    """Consecutive CUDA blocks that each take `rows` rows (of its view:
+    `Tiles`) of leaf `leaf`: its whole blocks, or the tail rows that a block
+    size leaves over."""
 
     leaf: int
     first_block: int
@@ -147,7 +148,8 @@ def amsgrad_gpu_group(
       coefficients: `_math.Coefficients` packed in the compute dtype.
       leaves: per leaf, its inputs in `operands` order, none empty.
       out_dtypes: dtypes of the outputs written, in `operands` order.
-      block_rows: rows of 128 lanes per CUDA block.
+      block_rows: rows of 128 lanes per CUDA block (with 8-bit state, about
+        as many elements: `Tiles`).
       operands: the order of each leaf's inputs and outputs.
       table: `dispatch`'s flat stream table (each leaf's four keys and base),
         where the group rounds stochastically.
