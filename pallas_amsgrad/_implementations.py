@@ -311,7 +311,8 @@ def for_group(
     kernels are written for real dtypes); else `implementation`, where the
     default chose a kernel (`chosen_for`, the device's platform) lowered
     for that platform alone if the group has 8-bit state (`Pallas()` would
-    also trace the GPU kernel, which does not take it)."""
+    also trace the GPU kernel, which refuses rows too long to take whole
+    that end in a shorter quantization block)."""
     if jnp.issubdtype(compute, jnp.complexfloating):
         return IMPLEMENTATIONS["xla"]
     if (

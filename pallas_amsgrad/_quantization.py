@@ -201,10 +201,12 @@ def encode(x, field, cmap: CodeMap, rounding: str, random=None) -> jax.Array:
     if rounding == "nearest":
         rounded = round_half_even(n)
     elif rounding == "up":
-        rounded = jnp.where(negative, jnp.floor(n), jnp.ceil(n))
+        below = floor_nonnegative(n)
+        above = below + jnp.where(below < n, 1.0, 0.0)
+        rounded = jnp.where(negative, below, above)
         rounded = jnp.where(tiny & ~negative & ~zero, 1.0, rounded)
     else:
-        below = jnp.floor(n)
+        below = floor_nonnegative(n)
         # Through int32: Mosaic converts signed integers to float, not unsigned.
         r = _as_int32(jnp.asarray(random, jnp.uint32) >> 8).astype(jnp.float32)
         rounded = below + jnp.where(r < (n - below) * 2.0**24, 1.0, 0.0)
@@ -215,14 +217,22 @@ def encode(x, field, cmap: CodeMap, rounding: str, random=None) -> jax.Array:
 
 
 def round_half_even(n) -> jax.Array:
-    """A float32 n >= 0 rounded to an integer, ties to even, by floor and
-    exact float32 arithmetic: Mosaic TPU does not lower `jnp.round`'s
-    roundeven on every chip, and XLA folds (n + 2^23) - 2^23 back to n."""
-    below = jnp.floor(n)
+    """A float32 0 <= n < 2^31 rounded to an integer, ties to even, from its
+    floor and exact float32 arithmetic: Mosaic TPU does not lower
+    `jnp.round`'s roundeven on every chip, and XLA folds (n + 2^23) - 2^23
+    back to n."""
+    below = floor_nonnegative(n)
     fraction = n - below
-    odd = below - 2.0 * jnp.floor(below * 0.5) == 1.0
+    odd = below - 2.0 * floor_nonnegative(below * 0.5) == 1.0
     up = (fraction > 0.5) | ((fraction == 0.5) & odd)
     return below + jnp.where(up, 1.0, 0.0)
+
+
+def floor_nonnegative(n) -> jax.Array:
+    """jnp.floor of a float32 0 <= n < 2^31, by truncation through int32:
+    Mosaic GPU lowers no floor or ceil. (`encode` keeps no code of a NaN,
+    inf or larger n.)"""
+    return n.astype(jnp.int32).astype(jnp.float32)
 
 
 def _as_int32(x) -> jax.Array:

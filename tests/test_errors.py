@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import exporting
 import jax
 import jax.numpy as jnp
 import pytest
@@ -305,19 +306,40 @@ def test_state_of_another_storage_names_the_leaf(implementation):
         other_blocks.step(params, eight_bit.init(params), params)
 
 
+def test_pallas_exports_8_bit_state_for_both_platforms():
+    """`Pallas()` lowers 8-bit state for TPU and for GPU: rows of whole
+    quantization blocks and rows that end in a shorter one."""
+    params = {
+        "w": jax.ShapeDtypeStruct((16, 300), jnp.float32),
+        "v": jax.ShapeDtypeStruct((16, 256), jnp.bfloat16),
+    }
+    opt = pallas_amsgrad.amsgrad(
+        0.1,
+        mu_dtype=jnp.int8,
+        nu_dtype=jnp.uint8,
+        implementation=pallas_amsgrad.Pallas(),
+    )
+    state = jax.eval_shape(opt.init, params)
+    for platform in ("tpu", "cuda"):
+        exporting.export(jax.jit(opt.step), platform, params, state, params)
+
+
 @pytest.mark.parametrize(
     "implementation",
     ["pallas", pallas_amsgrad.Pallas(platforms=("cuda",))],
     ids=["any-platform", "cuda"],
 )
-def test_gpu_kernel_without_8_bit_state_says_so(implementation):
-    """The GPU kernel does not take 8-bit state yet: `Pallas()`, which also
-    lowers for GPU, and `Pallas(platforms=("cuda",))` say so and what runs it."""
-    params = {"w": jax.ShapeDtypeStruct((16, 300), jnp.float32)}
+def test_gpu_kernel_refuses_8_bit_rows_too_long_to_take_whole(implementation):
+    """The GPU kernel takes rows that end in a shorter quantization block
+    whole, so not rows longer than its shared memory holds: `Pallas()`,
+    which also lowers for GPU, and `Pallas(platforms=("cuda",))` name the
+    leaf and what runs it."""
+    params = {"w": jax.ShapeDtypeStruct((16, 50000), jnp.float32)}
     opt = pallas_amsgrad.amsgrad(0.1, mu_dtype=jnp.int8, implementation=implementation)
     state = jax.eval_shape(opt.init, params)
     with pytest.raises(
-        NotImplementedError, match=r"cuda kernel .*implementation='xla' or None"
+        NotImplementedError,
+        match=r"cuda kernel .* leaf of shape \(16, 50000\).*implementation='xla' or None",
     ):
         jax.eval_shape(opt.step, params, state, params)
 

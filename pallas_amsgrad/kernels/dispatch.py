@@ -83,15 +83,6 @@ def amsgrad_pallas_group(
         whole_shapes = tuple(streams.shapes[k] for k in nonempty)
 
     def branch(platform, interpret_as=False):
-        if operands.quantizes and platform == "cuda":
-            raise NotImplementedError(
-                f"the {platform} kernel does not take 8-bit state yet "
-                f"(mu_dtype=int8, nu_dtype=uint8), and Pallas(platforms="
-                f"{platforms}) lowers for {platform}: use implementation="
-                "'xla' or None, which run it as XLA fusions, or "
-                "Pallas(platforms=('tpu',)) or ('cpu',) for the TPU kernel or "
-                "Pallas' generic interpreter"
-            )
         sizes = block_sizes or common.BlockSizes.get_default(platform)
         if platform in common.COMPILED_PLATFORMS:
             common.check_fits(sizes, blocked_dtypes, platform)
