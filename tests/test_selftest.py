@@ -54,11 +54,12 @@ def test_quick_lane_writes_every_result_and_reports_a_failing_test(
         "test_planted_failure"
     ]
     # verify's quick grid: 3 param dtypes x (pallas, xla, optax), the
-    # recipe's 3 rows, the lean state's 2 and stochastic rounding's 2.
+    # recipe's 3 rows, the lean state's 2, stochastic rounding's 2 and 8-bit
+    # state's 2.
     assert summary["stages"]["verify"] | {"seconds": 0} == {
         "exit_status": 0,
         "seconds": 0,
-        "rows": 16,
+        "rows": 18,
         "failed": 0,
     }
     assert summary["stages"]["bench"]["exit_status"] == 0
