@@ -16,13 +16,13 @@ import math
 import re
 
 import exporting
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import quantized_kernels
 from implementations import gpu_interpreted
+from quantized_kernels import check_recipe_and_skips, check_step, export_step
 from test_gpu_interpret import gpu_kernel, race_checked
-from test_tpu_quantized import assert_bitwise
 
 import pallas_amsgrad
 from pallas_amsgrad import _math, _quantization
@@ -33,23 +33,13 @@ pytestmark = pytest.mark.slow
 GPU_KERNEL = pallas_amsgrad.Pallas(platforms=("cuda",))
 
 
-class Case:
-    """One interpreted comparison: leaves (shape, dtype), the optimizer's
-    options, the kernel's block rows and which kernel runs (the pipelined
-    one on `ctas` CUDA blocks, or the per-block one where `ctas` is None)."""
+class Case(quantized_kernels.Case):
+    """An interpreted comparison on the GPU kernel: the pipelined one on
+    `ctas` CUDA blocks, or the per-block one where `ctas` is None."""
 
     def __init__(self, leaves, block_rows=16, ctas=2, **options):
-        self.leaves, self.block_rows, self.ctas = leaves, block_rows, ctas
-        self.options = options
-
-    def optimizer(self, implementation):
-        return pallas_amsgrad.amsgrad(
-            0.01,
-            mu_dtype=jnp.int8,
-            nu_dtype=jnp.uint8,
-            implementation=implementation,
-            **self.options,
-        )
+        super().__init__(leaves, block_rows, **options)
+        self.ctas = ctas
 
     def kernel(self):
         return gpu_kernel(pipelined=self.ctas is not None, ctas=self.ctas)
@@ -96,30 +86,9 @@ CASES = {
 }
 
 
-def _leaves(case, seed):
-    rng = np.random.default_rng(seed)
-    return {
-        name: jnp.asarray(rng.normal(size=shape) * np.exp(rng.uniform(-4, 2)), dtype)
-        for name, (shape, dtype) in case.leaves.items()
-    }
-
-
-def _warm_state(case, params):
-    """The state after one XLA step: codes and scales not all zero."""
-    xla = case.optimizer("xla")
-    _, state = jax.jit(xla.step)(_leaves(case, 1), xla.init(params), params)
-    return state
-
-
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_kernel_step_equals_the_xla_path_bitwise(case):
-    params = _leaves(case, 0)
-    state, grads = _warm_state(case, params), _leaves(case, 2)
-    kernel = case.optimizer(gpu_interpreted(case.block_rows))
-    expected = jax.jit(case.optimizer("xla").step)(grads, state, params)
-    with case.kernel(), race_checked():
-        actual = jax.jit(kernel.step)(grads, state, params)
-    assert_bitwise(actual, expected)
+    check_step(case, gpu_interpreted(case.block_rows), race_checked)
 
 
 def test_kernel_recipe_and_skips_keep_codes_and_scales():
@@ -133,22 +102,7 @@ def test_kernel_recipe_and_skips_keep_codes_and_scales():
         max_grad_norm=0.5,
         max_consecutive_errors=2,
     )
-    params = _leaves(case, 0)
-    state, grads = _warm_state(case, params), _leaves(case, 2)
-    skipped = {**grads, "w": grads["w"].at[3, 7].set(jnp.nan)}
-    kernel = case.optimizer(gpu_interpreted(case.block_rows))
-    xla = case.optimizer("xla")
-    with case.kernel(), race_checked():
-        for context, fn, g in [
-            ("step: ", "step", grads),
-            ("skipped update: ", "update", skipped),
-            ("skipped step: ", "step", skipped),
-        ]:
-            args = (g, state, params)
-            expected = jax.jit(getattr(xla, fn))(*args)
-            assert_bitwise(jax.jit(getattr(kernel, fn))(*args), expected, context)
-    _, kept = expected
-    assert_bitwise(kept.inner_state, state.inner_state, "skipped state: ")
+    check_recipe_and_skips(case, gpu_interpreted(case.block_rows), race_checked)
 
 
 # Leaves of a transformer block with 8-bit state, and those that keep float32
@@ -166,22 +120,7 @@ SHAPES = {
 
 
 def _export(dtype, block=256, implementation=GPU_KERNEL, **options):
-    opt = pallas_amsgrad.amsgrad(
-        1e-3,
-        mu_dtype=jnp.int8,
-        nu_dtype=jnp.uint8,
-        quantization_block=block,
-        implementation=implementation,
-        **options,
-    )
-    params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in SHAPES.items()}
-    state = jax.eval_shape(opt.init, params)
-
-    def train_step(params, state, grads):
-        return opt.step(grads, state, params)
-
-    step = jax.jit(train_step, donate_argnums=(0, 1))
-    return exporting.export(step, "cuda", params, state, params)
+    return export_step("cuda", SHAPES, dtype, block, implementation, **options)
 
 
 MLIR_BYTES = {"f32": 4, "bf16": 2, "i8": 1, "ui8": 1}

@@ -15,11 +15,11 @@ import math
 import re
 
 import exporting
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from implementations import race_checked, tpu_interpreted
+from quantized_kernels import Case, check_recipe_and_skips, check_step, export_step
 
 import pallas_amsgrad
 from pallas_amsgrad import _quantization
@@ -28,23 +28,6 @@ from pallas_amsgrad.kernels import common, tpu
 pytestmark = pytest.mark.slow
 
 TPU_KERNEL = pallas_amsgrad.Pallas(platforms=("tpu",))
-
-
-class Case:
-    """One interpreted comparison: leaves (shape, dtype), the optimizer's
-    options, and the kernel's block rows."""
-
-    def __init__(self, leaves, block_rows, **options):
-        self.leaves, self.block_rows, self.options = leaves, block_rows, options
-
-    def optimizer(self, implementation):
-        return pallas_amsgrad.amsgrad(
-            0.01,
-            mu_dtype=jnp.int8,
-            nu_dtype=jnp.uint8,
-            implementation=implementation,
-            **self.options,
-        )
 
 
 CASES = {
@@ -74,46 +57,9 @@ CASES = {
 }
 
 
-def _leaves(case, seed):
-    rng = np.random.default_rng(seed)
-    return {
-        name: jnp.asarray(rng.normal(size=shape) * np.exp(rng.uniform(-4, 2)), dtype)
-        for name, (shape, dtype) in case.leaves.items()
-    }
-
-
-def assert_bitwise(actual, expected, context=""):
-    """Structure, dtypes, shapes and every bit equal."""
-    assert jax.tree.structure(actual) == jax.tree.structure(expected), context
-    for (path, a), e in zip(
-        jax.tree_util.tree_flatten_with_path(actual)[0],
-        jax.tree.leaves(expected),
-        strict=True,
-    ):
-        where = context + jax.tree_util.keystr(path)
-        assert (a.dtype, a.shape) == (e.dtype, e.shape), where
-        bits = np.dtype(f"uint{8 * a.dtype.itemsize}")
-        np.testing.assert_array_equal(
-            np.asarray(a).view(bits), np.asarray(e).view(bits), err_msg=where
-        )
-
-
-def _warm_state(case, params):
-    """The state after one XLA step: codes and scales not all zero."""
-    xla = case.optimizer("xla")
-    _, state = jax.jit(xla.step)(_leaves(case, 1), xla.init(params), params)
-    return state
-
-
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_kernel_step_equals_the_xla_path_bitwise(case):
-    params = _leaves(case, 0)
-    state, grads = _warm_state(case, params), _leaves(case, 2)
-    kernel = case.optimizer(tpu_interpreted(case.block_rows))
-    expected = jax.jit(case.optimizer("xla").step)(grads, state, params)
-    with race_checked():
-        actual = jax.jit(kernel.step)(grads, state, params)
-    assert_bitwise(actual, expected)
+    check_step(case, tpu_interpreted(case.block_rows), race_checked)
 
 
 def test_kernel_recipe_and_skips_keep_codes_and_scales():
@@ -127,22 +73,7 @@ def test_kernel_recipe_and_skips_keep_codes_and_scales():
         max_grad_norm=0.5,
         max_consecutive_errors=2,
     )
-    params = _leaves(case, 0)
-    state, grads = _warm_state(case, params), _leaves(case, 2)
-    skipped = {**grads, "w": grads["w"].at[3, 7].set(jnp.nan)}
-    kernel = case.optimizer(tpu_interpreted(case.block_rows))
-    xla = case.optimizer("xla")
-    with race_checked():
-        for context, fn, g in [
-            ("step: ", "step", grads),
-            ("skipped update: ", "update", skipped),
-            ("skipped step: ", "step", skipped),
-        ]:
-            args = (g, state, params)
-            expected = jax.jit(getattr(xla, fn))(*args)
-            assert_bitwise(jax.jit(getattr(kernel, fn))(*args), expected, context)
-    _, kept = expected
-    assert_bitwise(kept.inner_state, state.inner_state, "skipped state: ")
+    check_recipe_and_skips(case, tpu_interpreted(case.block_rows), race_checked)
 
 
 # Leaves of a transformer block with 8-bit state, and those that keep float32
@@ -160,22 +91,7 @@ SHAPES = {
 
 
 def _export(dtype, block=256, implementation=TPU_KERNEL, **options):
-    opt = pallas_amsgrad.amsgrad(
-        1e-3,
-        mu_dtype=jnp.int8,
-        nu_dtype=jnp.uint8,
-        quantization_block=block,
-        implementation=implementation,
-        **options,
-    )
-    params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in SHAPES.items()}
-    state = jax.eval_shape(opt.init, params)
-
-    def train_step(params, state, grads):
-        return opt.step(grads, state, params)
-
-    step = jax.jit(train_step, donate_argnums=(0, 1))
-    return exporting.export(step, "tpu", params, state, params)
+    return export_step("tpu", SHAPES, dtype, block, implementation, **options)
 
 
 def _minimum_bytes(param_bytes: int, block: int) -> int:
