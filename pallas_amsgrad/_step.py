@@ -93,25 +93,6 @@ def leaf_dtypes(
     return (update, mu_state, nu_state, nu_max_state), compute
 
 
-def global_norm_and_finiteness(grads: Any) -> tuple[jax.Array, jax.Array]:
-    """(the gradients' global norm, whether every value is finite), from one
-    read of the gradients.
-
-    The norm is optax's, each leaf's sum of |g|^2 taken in at least float32;
-    on a mesh, one all-reduce of the devices' partial sums.
-    That sum is finite exactly when every value is, unless finite values
-    overflow it: only then are the gradients read again to tell which.
-    """
-    leaves = jax.tree.leaves(grads)
-    total = _sharding.sum_per_shard(_sum_of_squares, leaves)
-    finite = jax.lax.cond(
-        jnp.isfinite(total),
-        lambda: jnp.array(True),
-        lambda: jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves])),
-    )
-    return jnp.sqrt(total), finite
-
-
 def _stochastic_outputs(out_dtypes, apply_to_params: bool) -> tuple[bool, ...]:
     """Which of (first, mu, nu, nu_max) are rounded stochastically: every
     16-bit one that is stored (the new param, mu, nu, nu_max), not the update
@@ -121,11 +102,6 @@ def _stochastic_outputs(out_dtypes, apply_to_params: bool) -> tuple[bool, ...]:
         or (jnp.dtype(dtype) in _quantization.QUANTIZED_DTYPES and j in (1, 2))
         for j, dtype in enumerate(out_dtypes)
     )
-
-
-def _sum_of_squares(grad: jax.Array) -> jax.Array:
-    wide = jnp.asarray(grad, jnp.promote_types(grad.dtype, jnp.float32))
-    return jnp.sum(_math.squared_magnitude(wide))
 
 
 def fused_update(
@@ -192,7 +168,7 @@ def fused_update(
         )
     ):
         moments = (mu, nu, nu_max)
-        quantized = _quantization.check_moments(paths[index], grad, moments, hp)
+        quantized = _validation.check_moments(paths[index], grad, moments, hp)
         _validation.check_complex_leaf(
             paths[index], grad, mu.codes if quantized[0] else mu, param, hp.mu_dtype
         )

@@ -2,13 +2,14 @@
 
 `amsgrad` is `scale_by_amsgrad` composed with a learning rate, as optax's
 alias is `chain(scale_by_amsgrad(...), scale_by_learning_rate(lr))`, but fused:
-the step size reaches the same kernel pass. The step itself is
-`_step.fused_update`.
+the step size reaches the same kernel pass. The recipe's composition around
+it is `_recipe`; the step itself is `_step.fused_update`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pallas_amsgrad import (
     _implementations,
     _quantization,
+    _recipe,
     _sharding,
     _step,
     _validation,
@@ -187,156 +189,22 @@ class _ScaleByAmsgradUpdate:
         )
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Options:
-    """The training recipe's options of `amsgrad`, as given (checked)."""
-
-    weight_decay: Any = None
-    mask: Any = None
-    max_grad_norm: Any = None
-    max_consecutive_errors: Any = None
-
-    @property
-    def clips(self) -> bool:
-        return self.max_grad_norm is not None
-
-    @property
-    def decays(self) -> bool:
-        """None adds no decay term; any number, array or schedule does (a
-        zero too, as `optax.inject_hyperparams` makes it an array)."""
-        return self.weight_decay is not None
-
-    @property
-    def skips(self) -> bool:
-        return self.max_consecutive_errors is not None
-
-
-def _advanced(part, accept):
-    """A schedule's state (possibly masked) one step on, unless skipped."""
-    if isinstance(part, optax.MaskedState):
-        return part._replace(inner_state=_advanced(part.inner_state, accept))
-    if "count" not in getattr(part, "_fields", ()):
-        return part
-    count = optax.safe_increment(part.count)
-    if accept is not None:
-        count = jnp.where(accept, count, part.count)
-    return part._replace(count=count)
-
-
-def _schedule_count(part):
-    """The count of a (possibly masked) schedule's state."""
-    if isinstance(part, optax.MaskedState):
-        return _schedule_count(part.inner_state)
-    return part.count
-
-
 def _training_step(
-    learning_rate: optax.ScalarOrSchedule,
-    scale: optax.GradientTransformationExtraArgs,
-    options: _Options,
+    recipe: _recipe.TrainingRecipe, scale: optax.GradientTransformationExtraArgs
 ) -> GradientTransformationWithStep:
-    """The optax composition, fused into the one pass of `scale`'s kernel:
-
-        inner = chain(clip_by_global_norm(max_grad_norm),     # options.clips
-                      scale,
-                      add_decayed_weights(weight_decay, mask), # options.decays
-                      scale_by_learning_rate(learning_rate))
-        apply_if_finite(inner, max_consecutive_errors)         # options.skips
-
-    The state is the composition's; the step size, clip factor, decay rate
-    and skip flag reach the kernel as runtime scalars.
-    """
-    is_schedule = callable(learning_rate)
+    """`recipe` around `scale`, fused into the one pass of its kernel."""
     run = scale.update.run
-    decay = (
-        optax.add_decayed_weights(options.weight_decay, options.mask)
-        if options.decays
-        else None
-    )
-    amsgrad_index = 1 if options.clips else 0
-
-    def init_fn(params):
-        parts = [optax.EmptyState()] if options.clips else []
-        parts.append(scale.init(params))
-        if decay is not None:
-            # Named errors before optax's own.
-            _validation.decayed_leaves(options.mask, params)
-            parts.append(decay.init(params))
-        parts.append(
-            optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-            if is_schedule
-            else optax.EmptyState()
-        )
-        if not options.skips:
-            return tuple(parts)
-        return optax.ApplyIfFiniteState(
-            notfinite_count=jnp.zeros([], jnp.int32),
-            last_finite=jnp.array(True, jnp.bool_),
-            total_notfinite=jnp.zeros([], jnp.int32),
-            inner_state=tuple(parts),
-        )
-
-    def fused(grads, state, params, apply_to_params):
-        inner = list(state.inner_state if options.skips else state)
-        amsgrad_state, lr_state = inner[amsgrad_index], inner[-1]
-        recipe = {}
-        if options.clips or options.skips:
-            norm, finite = _step.global_norm_and_finiteness(grads)
-        if options.clips:
-            max_norm = options.max_grad_norm
-            recipe["grad_scale"] = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-        accept = None
-        if options.skips:
-            notfinite_count = jnp.where(
-                finite,
-                jnp.zeros([], jnp.int32),
-                optax.safe_increment(state.notfinite_count),
-            )
-            accept = finite | (notfinite_count > options.max_consecutive_errors)
-            recipe["accept"] = accept
-        if decay is not None:
-            if params is None:
-                raise ValueError(
-                    "amsgrad(weight_decay=...) decays the params, but params=None: "
-                    "call update(grads, state, params)"
-                )
-            weight_decay = options.weight_decay
-            if callable(weight_decay):  # At its own count, before the increment.
-                weight_decay = weight_decay(_schedule_count(inner[amsgrad_index + 1]))
-            decayed = _validation.decayed_leaves(options.mask, grads)
-            recipe |= {"weight_decay": weight_decay, "decayed": decayed}
-        if is_schedule:  # Evaluated at its own count, before the increment.
-            step_size = -1 * learning_rate(lr_state.count)
-        else:
-            step_size = -1 * learning_rate
-        result, inner[amsgrad_index] = run(
-            grads,
-            amsgrad_state,
-            params,
-            apply_to_params=apply_to_params,
-            step_size=step_size,
-            is_schedule=is_schedule,
-            recipe=_step.Recipe(**recipe),
-        )
-        inner[amsgrad_index + 1 :] = [
-            _advanced(part, accept) for part in inner[amsgrad_index + 1 :]
-        ]
-        if not options.skips:
-            return result, tuple(inner)
-        return result, optax.ApplyIfFiniteState(
-            notfinite_count=notfinite_count,
-            last_finite=finite,
-            total_notfinite=jnp.where(
-                finite,
-                state.total_notfinite,
-                optax.safe_increment(state.total_notfinite),
-            ),
-            inner_state=tuple(inner),
-        )
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # The update does not depend on them.
-        return fused(updates, state, params if decay is not None else None, False)
+        if not recipe.decays:
+            params = None
+        elif params is None:
+            raise ValueError(
+                "amsgrad(weight_decay=...) decays the params, but params=None: "
+                "call update(grads, state, params)"
+            )
+        return recipe.run(run, updates, state, params, apply_to_params=False)
 
     def step_fn(grads, state, params):
         if params is None:
@@ -345,9 +213,11 @@ def _training_step(
                 "params=None; pass the params, or call update(grads, state) "
                 "for the updates alone"
             )
-        return fused(grads, state, params, True)
+        return recipe.run(run, grads, state, params, apply_to_params=True)
 
-    return GradientTransformationWithStep(init_fn, update_fn, step_fn)
+    return GradientTransformationWithStep(
+        functools.partial(recipe.init, scale.init), update_fn, step_fn
+    )
 
 
 def scale_by_amsgrad(
@@ -523,7 +393,9 @@ def amsgrad(
     if max_grad_norm is not None:
         _validation.check_non_negative("max_grad_norm", max_grad_norm, allow_zero=False)
     _validation.check_max_consecutive_errors(max_consecutive_errors)
-    options = _Options(weight_decay, mask, max_grad_norm, max_consecutive_errors)
+    recipe = _recipe.TrainingRecipe(
+        learning_rate, weight_decay, mask, max_grad_norm, max_consecutive_errors
+    )
     scale = scale_by_amsgrad(
         b1,
         b2,
@@ -539,4 +411,4 @@ def amsgrad(
         implementation=implementation,
         block_sizes=block_sizes,
     )
-    return _training_step(learning_rate, scale, options)
+    return _training_step(recipe, scale)

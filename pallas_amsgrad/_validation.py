@@ -294,3 +294,69 @@ def decayed_leaves(mask: Any, grads: Any) -> tuple[bool, ...]:
         for flag, subtree in zip(mask_leaves, subtrees, strict=True)
         for _ in jax.tree.leaves(subtree)
     )
+
+
+_REQUESTS = (("mu", "mu_dtype"), ("nu", "nu_dtype"), ("nu_max", "nu_dtype"))
+
+
+def check_moments(path: str, grad, moments, hp) -> tuple[bool, bool, bool]:
+    """Which of a leaf's moments (mu, nu, nu_max) are quantized; raises,
+    naming the leaf, where the state does not match what `hp` asks for (a
+    state made by another configuration: `convert_state` converts it)."""
+    shape = tuple(jnp.shape(grad))
+    quantized = []
+    for (name, argument), moment in zip(_REQUESTS, moments, strict=True):
+        requested = getattr(hp, argument)
+        expected = _quantization.stored_dtype(shape, requested)
+        wanted = (
+            expected is not None
+            and jnp.dtype(expected) in _quantization.QUANTIZED_DTYPES
+        )
+        found = isinstance(moment, _quantization.QuantizedArray)
+        where = f"state.{name}{path}"
+        if wanted != found:
+            described = (
+                f"quantized ({moment.dtype.name} codes)"
+                if found
+                else f"an array of {jnp.result_type(moment)}"
+            )
+            raise ValueError(
+                f"{where} is {described}, but {argument}="
+                f"{None if requested is None else jnp.dtype(requested).name} "
+                f"{'stores it quantized' if wanted else 'does not quantize it'} "
+                f"(leaf shape {shape}); make the state with this optimizer's "
+                "init, or convert it with pallas_amsgrad.convert_state"
+            )
+        if not found:
+            quantized.append(False)
+            continue
+        if jnp.dtype(grad.dtype) not in (
+            jnp.dtype(jnp.float32),
+            jnp.dtype(jnp.bfloat16),
+            jnp.dtype(jnp.float16),
+        ):
+            raise TypeError(
+                f"grads{path} is {jnp.dtype(grad.dtype).name}: 8-bit state is "
+                "computed in float32, for float32, bfloat16 and float16 leaves; "
+                f"use {argument}=None for this leaf's optimizer"
+            )
+        if moment.dtype != expected:
+            raise TypeError(
+                f"{where} has {moment.dtype.name} codes but {argument}="
+                f"{jnp.dtype(expected).name}"
+            )
+        if moment.block != hp.quantization_block:
+            raise ValueError(
+                f"{where} is quantized in blocks of {moment.block} but "
+                f"quantization_block={hp.quantization_block}; convert it with "
+                "pallas_amsgrad.convert_state"
+            )
+        scales = _quantization.scale_shape(shape, moment.block)
+        if tuple(moment.scales.shape) != scales or moment.scales.dtype != jnp.float32:
+            raise ValueError(
+                f"{where}.scales is {moment.scales.dtype}{list(moment.scales.shape)}"
+                f" but a leaf of shape {shape} in blocks of {moment.block} has "
+                f"float32{list(scales)}"
+            )
+        quantized.append(True)
+    return tuple(quantized)
