@@ -324,7 +324,7 @@ def test_kernels_lower_with_stochastic_rounding(platform):
     [
         ({"seed": 1.5}, r"seed=1.5 must be an integer scalar"),
         ({"seed": "3"}, r"seed='3' must be an integer scalar"),
-        ({"seed": jnp.ones(2, jnp.int32)}, r"seed=.* must be an integer scalar"),
+        ({"seed": np.ones(2, np.int32)}, r"seed=.* must be an integer scalar"),
         ({"seed": True}, r"seed=True must be an integer scalar"),
         ({"stochastic_rounding": "yes"}, r"stochastic_rounding='yes' must be True"),
     ],
