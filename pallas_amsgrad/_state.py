@@ -35,7 +35,7 @@ def _convert_moment(moment, param, requested, rounding, block, name):
     dtype, as optax keeps it), read exactly and rounded once."""
     shape = tuple(jnp.shape(param))
     if tuple(jnp.shape(moment)) != shape:
-        raise ValueError(  # pragma: no mutate block
+        raise ValueError(
             f"{name} has shape {tuple(jnp.shape(moment))} but its param {shape}"
         )
     target = _quantization.stored_dtype(shape, requested)
@@ -122,7 +122,7 @@ def convert_state(
             try:
                 leaves = treedef.flatten_up_to(getattr(node, name))
             except (ValueError, TypeError) as error:
-                raise ValueError(  # pragma: no mutate block
+                raise ValueError(
                     f"state.{name} does not have the structure of the params: {error}"
                 ) from None
             moments[name] = treedef.unflatten(
@@ -143,7 +143,7 @@ def convert_state(
         is_leaf=lambda x: isinstance(x, optax.ScaleByAmsgradState),
     )
     if not found:
-        raise ValueError(  # pragma: no mutate block
+        raise ValueError(
             "state holds no optax.ScaleByAmsgradState: pass the state that "
             "pallas_amsgrad.amsgrad(...).init (or scale_by_amsgrad) made"
         )

@@ -74,7 +74,7 @@ class CodeMap:
         bits = self.exponent_bits + self.mantissa_bits + self.signed
         # At most 6 exponent bits: every value is a float32 normal.
         if bits != 8 or self.mantissa_bits < 1 or not 0 <= self.exponent_bits <= 6:
-            raise ValueError(  # pragma: no mutate block
+            raise ValueError(
                 f"a code map has 8 bits, a mantissa and at most 6 exponent bits: "
                 f"{self.exponent_bits=}, {self.mantissa_bits=}, {self.signed=}"
             )
@@ -209,11 +209,9 @@ def encode(q, code_map: CodeMap, rounding: str = "nearest", bits=None) -> jax.Ar
     except up from a positive q: to the smallest nonzero code.
     """
     if rounding not in ROUNDINGS:
-        raise ValueError(  # pragma: no mutate block
-            f"rounding is one of {ROUNDINGS}, not {rounding!r}"
-        )
+        raise ValueError(f"rounding is one of {ROUNDINGS}, not {rounding!r}")
     if rounding == "stochastic" and bits is None:
-        raise ValueError("stochastic rounding needs `bits`")  # pragma: no mutate block
+        raise ValueError("stochastic rounding needs `bits`")
     return _scaled_codes(q, 0, code_map, rounding, bits)
 
 
@@ -231,13 +229,9 @@ def scale_shape(shape, block: int = QUANTIZATION_BLOCK) -> tuple[int, ...]:
     """(*shape[:-1], ceil(shape[-1] / block)): one scale per block."""
     shape = tuple(shape)
     if not shape:
-        raise ValueError(  # pragma: no mutate block
-            "a quantized leaf has at least one dimension, not shape ()"
-        )
+        raise ValueError("a quantized leaf has at least one dimension, not shape ()")
     if block < 1:
-        raise ValueError(  # pragma: no mutate block
-            f"{block=} must be a positive number of elements"
-        )
+        raise ValueError(f"{block=} must be a positive number of elements")
     return (*shape[:-1], -(-shape[-1] // block))
 
 
@@ -300,11 +294,9 @@ def quantize(
     `bits` (uint32, x's shape) for stochastic rounding: e.g.
     `random_bits(stream_key(seed, count, leaf, array), x.shape)`."""
     if rounding not in ROUNDINGS:
-        raise ValueError(  # pragma: no mutate block
-            f"rounding is one of {ROUNDINGS}, not {rounding!r}"
-        )
+        raise ValueError(f"rounding is one of {ROUNDINGS}, not {rounding!r}")
     if rounding == "stochastic" and bits is None:
-        raise ValueError("stochastic rounding needs `bits`")  # pragma: no mutate block
+        raise ValueError("stochastic rounding needs `bits`")
     x = jnp.asarray(x, jnp.float32)
     scales = block_scales(x, code_map, block)
     exponent = _scale_exponents(scales, x.shape[-1], block)

@@ -103,9 +103,7 @@ def stochastic_round(x, dtype, bits) -> jax.Array:
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(  # pragma: no mutate block
-            f"stochastic rounding is to bfloat16 or float16, not {dtype}"
-        )
+        raise ValueError(f"stochastic rounding is to bfloat16 or float16, not {dtype}")
     x = jnp.asarray(x, jnp.float32)
     bits = jnp.asarray(bits, jnp.uint32)
     raw = jax.lax.bitcast_convert_type(x, jnp.uint32)

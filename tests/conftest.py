@@ -9,6 +9,7 @@ import itertools
 import os
 import pathlib
 import sys
+import tomllib
 
 # XLA:CPU contracts a*b + c into one FMA where a fusion allows it, so the last
 # bit of a float32 result would depend on how XLA happened to fuse a graph.
@@ -79,7 +80,32 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+def _mutation_selection() -> list[str]:
+    """pyproject.toml's [tool.pallas_amsgrad.mutation] tests: test files,
+    tests and parametrizations, as node ids."""
+    pyproject = pathlib.Path(__file__).parents[1] / "pyproject.toml"
+    table = tomllib.loads(pyproject.read_text())["tool"]["pallas_amsgrad"]
+    return table["mutation"]["tests"]
+
+
+def _selected(nodeid: str, selection: list[str]) -> bool:
+    return any(
+        nodeid == entry or nodeid.startswith((f"{entry}::", f"{entry}["))
+        for entry in selection
+    )
+
+
 def pytest_collection_modifyitems(config, items):
+    """Marks the tests mutmut runs per mutant (`-m mutation`); then orders
+    the slow tests for xdist."""
+    selection = _mutation_selection()
+    for item in items:
+        if _selected(item.nodeid, selection):
+            item.add_marker(pytest.mark.mutation)
+    _order_for_xdist(items)
+
+
+def _order_for_xdist(items):
     """Under xdist, each worker's share of the suite starts with its share
     of the slow tests. The worksteal scheduler hands each worker a
     contiguous range of the collection (the first `n // workers` to the

@@ -1,5 +1,8 @@
 """mutmut's set-up (pyproject.toml's [tool.mutmut]) holds.
 
+Each mutant is judged by the tests marked `mutation`: those that
+[tool.pallas_amsgrad.mutation] names, each of which must exist.
+
 mutmut forks each mutant's test run from a process that has imported the
 selected tests: a module that starts jax's backend at import (a jax array, a
 compile) leaves XLA's threads behind in the parent, and every forked run
@@ -14,9 +17,8 @@ import sys
 import tomllib
 
 ROOT = pathlib.Path(__file__).parents[1]
-SELECTION = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"][
-    "pytest_add_cli_args_test_selection"
-]
+TOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+SELECTION = TOOLS["pallas_amsgrad"]["mutation"]["tests"]
 
 _IMPORT_CHECK = """
 import importlib, sys
@@ -41,15 +43,19 @@ def test_selected_modules_start_no_jax_backend_at_import():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_every_selected_test_exists():
+def test_every_selected_test_exists_and_is_marked():
+    assert TOOLS["mutmut"]["pytest_add_cli_args_test_selection"] == ["-m", "mutation"]
     collect = [sys.executable, "-m", "pytest", "-p", "no:xdist", "--collect-only"]
     result = subprocess.run(
-        [*collect, "-q", *SELECTION],
+        [*collect, "-q", "-m", "mutation"],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    collected = {line for line in result.stdout.splitlines() if "::" in line}
+    marked = {line for line in result.stdout.splitlines() if "::" in line}
     for test in SELECTION:
-        assert any(line.startswith(test) for line in collected), test
+        assert any(
+            line == test or line.startswith((f"{test}::", f"{test}["))
+            for line in marked
+        ), test

@@ -418,6 +418,66 @@ def test_convert_state_round_trip():
     ), "rounded up, not to nearest"
 
 
+def test_convert_state_storage_cases():
+    """Each conversion lands in the storage asked for: None keeps the
+    param's dtype (bfloat16 too), a moment already stored so is kept as it
+    is, another block size is quantized anew, either 8-bit request alone
+    takes the block, and values exact in the target stay exact (nu_max up
+    moves only what lies between two values)."""
+    rng = np.random.default_rng(7)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(16, 512)), jnp.float32),
+        "h": jnp.asarray(rng.normal(size=(16, 512)), jnp.bfloat16),
+    }
+    exact = jnp.asarray(rng.integers(1, 32, size=(16, 512)), jnp.float32)
+    state = pallas_amsgrad.amsgrad(0.1).init(params)
+    state = (
+        state[0]._replace(
+            mu={"w": -exact, "h": (-exact).astype(jnp.bfloat16)},
+            nu={"w": exact * 1e-7, "h": exact.astype(jnp.bfloat16)},
+            nu_max={"w": exact, "h": exact.astype(jnp.bfloat16)},
+        ),
+        state[1],
+    )
+    convert = pallas_amsgrad.convert_state
+    kept = convert(state, params)[0]
+    assert kept.mu["w"] is state[0].mu["w"] and kept.nu["h"] is state[0].nu["h"]
+
+    eight = convert(state, params, mu_dtype=jnp.int8, nu_dtype=jnp.uint8)[0]
+    back = convert((eight,), params)[0]
+    for name in ("mu", "nu", "nu_max"):
+        assert getattr(back, name)["h"].dtype == jnp.bfloat16, name
+        assert getattr(back, name)["w"].dtype == jnp.float32, name
+    # Integers of 5 significant bits are exact in both maps (4 mantissa bits).
+    np.testing.assert_array_equal(back.nu_max["w"], jnp.maximum(exact, 0))
+
+    wide = convert((eight,), params, mu_dtype=jnp.int8, quantization_block=512)[0]
+    assert wide.mu["w"].block == 512 and wide.mu["w"].scales.shape == (16, 1)
+    codes, scales = spec.quantize(
+        pallas_amsgrad.dequantize(eight.mu["w"]), spec.MU_MAP, "nearest", block=512
+    )
+    np.testing.assert_array_equal(wide.mu["w"].codes, codes)
+    np.testing.assert_array_equal(wide.mu["w"].scales, scales)
+    assert wide.nu["w"].dtype == jnp.float32
+    wide = convert(state, params, nu_dtype=jnp.uint8, quantization_block=512)[0]
+    assert wide.nu_max["w"].block == 512 and wide.mu["w"].dtype == jnp.float32
+
+    # nu's 8-bit values lie among float16's subnormals: nu to nearest.
+    narrow = convert((eight,), params, nu_dtype=jnp.float16)[0]
+    nu = pallas_amsgrad.dequantize(eight.nu["w"])
+    nu_max = pallas_amsgrad.dequantize(eight.nu_max["w"])
+    assert bool(jnp.any(nu.astype(jnp.float16).astype(jnp.float32) != nu))
+    np.testing.assert_array_equal(narrow.nu["w"], nu.astype(jnp.float16))
+    assert narrow.nu["w"].dtype == narrow.nu_max["w"].dtype == jnp.float16
+    assert bool(jnp.all(narrow.nu_max["w"].astype(jnp.float32) >= nu_max))
+    narrow = convert(state, params, nu_dtype=jnp.bfloat16)[0]
+    assert narrow.nu["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(narrow.nu["w"], (exact * 1e-7).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(narrow.nu_max["w"], exact.astype(jnp.bfloat16))
+    with pytest.raises(TypeError, match=r"^nu_dtype=int8: 8-bit state of nu"):
+        convert(state, params, nu_dtype=jnp.int8)
+
+
 def test_dequantize_any_leaf():
     x = jnp.arange(6.0).reshape(2, 3)
     assert pallas_amsgrad.dequantize(x).dtype == jnp.float32

@@ -87,6 +87,14 @@ def test_a_shards_flat_index_is_its_place_in_the_whole_leaf():
     assert _rounding.runs((1, 4, 5), shape) == (Run(20, 1),)
     assert _rounding.runs((6, 8, 1), shape) == (Run(48, 5),)
     assert _rounding.runs(local, shape, dims=1) == (Run(2, 40),)
+    # Three runs: every dim split.
+    shape, local, start = (4, 6, 4), (2, 3, 2), (2, 3, 2)
+    whole = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
+    shard_runs = _rounding.runs(local, shape)
+    assert shard_runs == (Run(2, 24), Run(3, 4), Run(2, 1))
+    offsets = _rounding.whole_offset(jnp.arange(12, dtype=jnp.uint32), shard_runs)
+    window = whole[2:4, 3:6, 2:4].reshape(-1)
+    np.testing.assert_array_equal(whole[start] + offsets, window)
 
 
 @given(data=st.data())

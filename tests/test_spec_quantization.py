@@ -125,9 +125,21 @@ def test_every_value_encodes_to_its_own_code(name, rounding):
     got = encode(spec.decode(codes, code_map), code_map, rounding, bits)
     assert got.dtype == code_map.dtype
     np.testing.assert_array_equal(got, codes)
+    if rounding == "nearest":  # The default.
+        np.testing.assert_array_equal(
+            encode(spec.decode(codes, code_map), code_map), codes
+        )
 
 
 def test_maps_are_8_bits_with_a_mantissa():
+    for exponent_bits, mantissa_bits, signed in [
+        (3, 4, 1),
+        (4, 4, 0),
+        (6, 1, 1),
+        (0, 8, 0),
+    ]:
+        code_map = spec.CodeMap(exponent_bits, mantissa_bits, bool(signed))
+        assert code_map.max_code == 2 ** (8 - signed) - 1
     with pytest.raises(ValueError, match="8 bits"):
         spec.CodeMap(4, 4, signed=True)
     with pytest.raises(ValueError, match="mantissa"):
@@ -374,6 +386,7 @@ def test_the_small_leaf_rule():
     assert spec.quantizes((2, 2048)) and spec.quantizes((8, 16, 32))
     assert not spec.quantizes((4095,)) and not spec.quantizes(())
     assert not spec.quantizes((4096, 1))  # 1-element blocks: 5 bytes, not 4.
+    assert spec.quantizes((2048, 2))
     assert spec.quantizes((100,), min_size=64)
 
 

@@ -496,7 +496,7 @@ def _check_quantized_fits(shape, tiles: Tiles, operands, view, out_types):
             if tiles.flat
             else f"quantization blocks of {tiles.width} elements"
         )
-        raise NotImplementedError(  # pragma: no mutate block
+        raise NotImplementedError(
             f"the cuda kernel does not take 8-bit state of a leaf of shape "
             f"{tuple(shape)} yet: its {what}, {tiles.rows} to a block, which "
             f"needs {needed} bytes of shared memory, more than its {limit}. "
