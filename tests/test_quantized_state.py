@@ -478,6 +478,32 @@ def test_convert_state_storage_cases():
         convert(state, params, nu_dtype=jnp.int8)
 
 
+def test_8_bit_state_under_x64():
+    """With 64-bit types enabled, "pallas" (which traces the TPU and GPU
+    kernels beside the one this host runs) still traces, its index
+    arithmetic in one integer width, and gives the XLA path's bits: the
+    moments are computed in float32 all the same."""
+    rng = np.random.default_rng(8)
+    results = []
+    with jax.enable_x64(True):
+        for implementation in ("xla", "pallas"):
+            opt = pallas_amsgrad.amsgrad(
+                0.01,
+                mu_dtype=jnp.int8,
+                nu_dtype=jnp.uint8,
+                implementation=implementation,
+            )
+            params = {"w": jnp.asarray(rng.normal(size=(16, 300)), jnp.float32)}
+            state = opt.init(params)
+            for step in range(2):
+                grads = jax.tree.map(lambda p, s=step: jnp.cos(p * (2 + s)), params)
+                params, state = jax.jit(opt.step)(grads, state, params)
+            assert state[0].nu_max["w"].scales.dtype == jnp.float32
+            results.append((params, state))
+            rng = np.random.default_rng(8)
+    tolerances.assert_trees_equal(results[1], results[0])
+
+
 def test_dequantize_any_leaf():
     x = jnp.arange(6.0).reshape(2, 3)
     assert pallas_amsgrad.dequantize(x).dtype == jnp.float32

@@ -657,13 +657,16 @@ def _ring(leaf, segment, tiles, *, first, steps, stride, stages, body, streams):
         return segment.row_start + block * rows
 
     def scoped(in_slots, out_slots, barriers):
+        def slot_of(step):  # lax's integer ops take one width (int32 under x64).
+            return jax.lax.rem(step, jnp.asarray(stages, step.dtype))
+
         def fetch(step):
-            slot = jax.lax.rem(step, stages)
+            slot = slot_of(step)
             for ref, buf in zip(ins, in_slots, strict=True):
                 tiles.fetch(ref, buf.at[slot], window(step), rows, barriers.at[slot])
 
         def compute(step):
-            slot = jax.lax.rem(step, stages)
+            slot = slot_of(step)
             first_row = window(step)
             plgpu.barrier_wait(barriers.at[slot])
             # The copies out of this slot `stages` blocks before are done
