@@ -77,6 +77,11 @@ def pytest_ignore_collect(collection_path, config):
         return "--xla_force_host_platform_device_count=8" not in os.environ.get(
             "XLA_FLAGS", ""
         )
+    # Under mutmut, only the modules of the selection are imported (into the
+    # process each mutant's run forks from; see tests/test_mutation_setup.py).
+    if _IN_MUTANTS and collection_path.name.startswith("test_"):
+        selected = {entry.split("::")[0] for entry in _mutation_selection()}
+        return f"tests/{collection_path.name}" not in selected
     return None
 
 
