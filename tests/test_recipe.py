@@ -60,9 +60,10 @@ def _loss(params, x, y):
     return jnp.mean((hidden @ params["out"]["w"] + params["out"]["b"] - y) ** 2)
 
 
+# Both schedules counted: the decay's inside its mask's state.
 RECIPE = spec.Hyperparams(
     learning_rate=optax.cosine_decay_schedule(3e-3, 100),
-    weight_decay=0.1,
+    weight_decay=optax.linear_schedule(0.1, 0.02, 100),
     mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree),
     max_grad_norm=0.5,
     max_consecutive_errors=2,
