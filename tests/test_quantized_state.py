@@ -476,6 +476,9 @@ def test_convert_state_storage_cases():
     np.testing.assert_array_equal(narrow.nu_max["w"], exact.astype(jnp.bfloat16))
     with pytest.raises(TypeError, match=r"^nu_dtype=int8: 8-bit state of nu"):
         convert(state, params, nu_dtype=jnp.int8)
+    wrong = (state[0]._replace(nu_max={"w": exact[:, :256], "h": exact}), state[1])
+    with pytest.raises(ValueError, match=r"^state.nu_max\['w'\] has shape \(16, 256\)"):
+        convert(wrong, params)
 
 
 def test_8_bit_state_under_x64():
