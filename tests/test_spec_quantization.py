@@ -548,7 +548,9 @@ def test_nu_max_up_is_not_stochastic_and_the_others_are_reproducible():
 
 
 @pytest.mark.parametrize("name", MAPS)
-def test_jit_and_eager_agree(name):
+def test_jit_eager_and_x64_agree(name):
+    """The same bits jitted, eagerly, and under x64 from float64 input (taken
+    as float32, computed in float32 and int32 all the same)."""
     code_map = MAPS[name]
     rng = np.random.default_rng(3)
     x = (rng.normal(size=(3, 700)) * np.exp(rng.normal(0, 4, (3, 700)))).astype(
@@ -565,5 +567,18 @@ def test_jit_and_eager_agree(name):
 
         eager = round_trip(x, bits)
         jitted = jax.jit(round_trip)(x, bits)
-        for a, b in zip(eager, jitted, strict=True):
+        with jax.enable_x64(True):
+            wide = round_trip(x.astype(np.float64), bits)
+        for a, b, c in zip(eager, jitted, wide, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert a.dtype == c.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_values_below_the_smallest_normal_read_as_zero():
+    """value(code) x scale below 2^-126 reads as 0; 2^-126 itself does not."""
+    codes = jnp.asarray([[1, 16, 255]], jnp.uint8)
+    scales = jnp.asarray([[2.0**-112]], jnp.float32)
+    got = spec.dequantize(codes, scales, spec.NU_MAP, block=128)
+    expected = np.float32([[0.0, 2.0**-126, 1.9375 * 2.0**-112]])
+    np.testing.assert_array_equal(np.asarray(got), expected)

@@ -216,12 +216,18 @@ def test_other_dtypes_are_refused():
         spec.stochastic_round(jnp.ones(2), jnp.float32, jnp.zeros(2, jnp.uint32))
 
 
-def test_jit_and_eager_agree():
+def test_jit_eager_and_x64_agree():
+    """The same bits jitted, eagerly, and under x64 from float64 input (taken
+    as float32)."""
     x = jnp.linspace(-3, 3, 1001, dtype=jnp.float32)
     bits = spec.random_bits(spec.stream_key(5, 9, 1, spec.NU_MAX), x.shape)
     for dtype in DTYPES:
         eager = spec.stochastic_round(x, dtype, bits)
         jitted = jax.jit(spec.stochastic_round, static_argnums=1)(x, dtype, bits)
-        np.testing.assert_array_equal(
-            np.asarray(eager).view(np.uint16), np.asarray(jitted).view(np.uint16)
-        )
+        with jax.enable_x64(True):
+            wide = spec.stochastic_round(np.asarray(x, np.float64), dtype, bits)
+        for other in (jitted, wide):
+            assert other.dtype == eager.dtype
+            np.testing.assert_array_equal(
+                np.asarray(eager).view(np.uint16), np.asarray(other).view(np.uint16)
+            )
