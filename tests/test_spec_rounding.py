@@ -217,8 +217,8 @@ def test_other_dtypes_are_refused():
 
 
 def test_jit_eager_and_x64_agree():
-    """The same bits jitted, eagerly, and under x64 from float64 input (taken
-    as float32)."""
+    """The same bits jitted, eagerly, under x64 from float64 input (taken as
+    float32), and from the random bits as int64 (taken as uint32)."""
     x = jnp.linspace(-3, 3, 1001, dtype=jnp.float32)
     bits = spec.random_bits(spec.stream_key(5, 9, 1, spec.NU_MAX), x.shape)
     for dtype in DTYPES:
@@ -226,7 +226,8 @@ def test_jit_eager_and_x64_agree():
         jitted = jax.jit(spec.stochastic_round, static_argnums=1)(x, dtype, bits)
         with jax.enable_x64(True):
             wide = spec.stochastic_round(np.asarray(x, np.float64), dtype, bits)
-        for other in (jitted, wide):
+        signed = spec.stochastic_round(x, dtype, np.asarray(bits).astype(np.int64))
+        for other in (jitted, wide, signed):
             assert other.dtype == eager.dtype
             np.testing.assert_array_equal(
                 np.asarray(eager).view(np.uint16), np.asarray(other).view(np.uint16)
