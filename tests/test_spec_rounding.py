@@ -158,6 +158,20 @@ def test_probability_of_rounding_away_is_exactly_the_fraction(x, dtype, dropped)
     assert int((got == above).sum()) == fraction
 
 
+@pytest.mark.parametrize("x", [2.0**-30, -(2.0**-30) * 1.3])
+def test_below_float16s_smallest_subnormal_the_bound_is_exact(x):
+    """Below 2**-24, x goes to +-2**-24 exactly when the top 24 random bits
+    r < |x| * 2**48: at r = ceil(|x| * 2**48) - 1 it does, at the next r not
+    (an integer bound included)."""
+    bound = math.ceil(abs(np.float32(x)) * 2.0**48)
+    r = np.array([bound - 1, bound], np.uint32) << np.uint32(8)
+    got = spec.stochastic_round(np.full(2, x, np.float32), "float16", r)
+    expected = np.float16([math.copysign(2.0**-24, x), math.copysign(0.0, x)])
+    np.testing.assert_array_equal(
+        np.asarray(got).view(np.uint16), expected.view(np.uint16)
+    )
+
+
 # Values to average, with bits from the counter-based stream: each kind of
 # range, and float16's values below its smallest subnormal.
 UNBIASED_CASES = [
