@@ -172,6 +172,26 @@ def test_below_float16s_smallest_subnormal_the_bound_is_exact(x):
     )
 
 
+def test_the_edges_of_float16s_range_below_its_normals():
+    """float32 subnormals go to +-0 whatever the bits; 2**-126 (float32's
+    smallest normal) to 2**-24 at r = 0 only; float16's lowest binade
+    [2**-24, 2**-23) rounds between its neighbours as any subnormal does."""
+    cases = [  # (x, bits, expected)
+        (1e-40, 0, 0.0),
+        (-1e-45, 0, -0.0),
+        (1e-40, 2**32 - 1, 0.0),
+        (2.0**-126, 0, 2.0**-24),
+        (2.0**-126, 1 << 8, 0.0),
+        (1.5 * 2.0**-24, 0, 2.0**-23),
+        (-1.5 * 2.0**-24, 2**32 - 1, -(2.0**-24)),
+    ]
+    x, bits, expected = (np.array(column) for column in zip(*cases, strict=True))
+    got = spec.stochastic_round(x.astype(np.float32), "float16", bits.astype(np.uint32))
+    np.testing.assert_array_equal(
+        np.asarray(got).view(np.uint16), expected.astype(np.float16).view(np.uint16)
+    )
+
+
 # Values to average, with bits from the counter-based stream: each kind of
 # range, and float16's values below its smallest subnormal.
 UNBIASED_CASES = [
