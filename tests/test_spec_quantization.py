@@ -150,6 +150,10 @@ def test_maps_are_8_bits_with_a_mantissa():
         encode(jnp.zeros(2), spec.NU_MAP, "down")
     with pytest.raises(ValueError, match="needs `bits`"):
         encode(jnp.zeros(2), spec.NU_MAP, "stochastic")
+    with pytest.raises(ValueError, match="needs `bits`"):
+        spec.quantize(jnp.zeros((2, 4)), spec.NU_MAP, "stochastic")
+    with pytest.raises(ValueError, match="rounding is one of"):
+        spec.quantize(jnp.zeros((2, 4)), spec.NU_MAP, "down")
 
 
 # --- Rounding against a float64 brute force over every code. ---------------------

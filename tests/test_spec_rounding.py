@@ -45,6 +45,9 @@ def test_random_bits_are_the_elements_flat_index_hashed():
     assert [int(b) for b in bits.reshape(-1)] == expected
     # An element's bits depend on its flat index only, not on the shape.
     np.testing.assert_array_equal(spec.random_bits(key, (15,)), bits.reshape(-1))
+    # A key is taken as uint32, a Python int past 2**31 too.
+    high = [int(b) for b in spec.random_bits(0xDEADBEEF, (4,))]
+    assert high == [fmix32(0xDEADBEEF ^ fmix32(i)) for i in range(4)]
 
 
 def test_streams_differ_by_seed_count_leaf_and_array():
