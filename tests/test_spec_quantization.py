@@ -343,6 +343,15 @@ def test_a_hand_worked_block():
     assert read.tolist() == [0.0, 0.5, -3.0, 2.0**-9]
 
 
+def test_block_absmax_of_zeros_and_subnormals_is_zero():
+    """Zeros and float32 subnormals count as 0: such a block's absmax is +0
+    (and its scale 0), bit for bit."""
+    x = np.float32([[0.0, -0.0, 1e-40, -1e-45], [0.0, 0.0, 0.0, 0.0]])
+    absmax = spec.block_absmax(x, block=4)
+    np.testing.assert_array_equal(np.asarray(absmax).view(np.uint32), [[0], [0]])
+    assert spec.block_scales(x, spec.NU_MAP, block=4).tolist() == [[0.0], [0.0]]
+
+
 SHAPES = [
     ((256,), 256, (1,)),
     ((257,), 256, (2,)),
