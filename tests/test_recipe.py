@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from implementations import check_against_spec, optimizer
 
 import amsgrad_spec as spec
+from pallas_amsgrad import _recipe
 from pallas_amsgrad.tools import composition
 
 # Enough for a run of bad steps past max_consecutive_errors=1 and a step after.
@@ -124,6 +125,29 @@ def test_clipping_with_zero_gradients(implementation):
     params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.ones(5)}
     zeros = jax.tree.map(jnp.zeros_like, params)
     check_against_spec(implementation, params, [zeros, zeros], hp)
+
+
+def test_global_norm_is_optaxs_in_float32_and_complex64_under_x64():
+    """The clip's global norm sums each leaf's |g|^2 in the leaf's dtype
+    promoted to at least float32, as optax's does, x64 or not: the same bits
+    as `optax.tree.norm`, real and complex leaves alike."""
+    rng = np.random.default_rng(5)
+    grads = {
+        "w": rng.normal(size=(7, 33)).astype(np.float32),
+        "h": rng.normal(size=(40,)).astype(np.float16),
+        "z": (rng.normal(size=(9,)) + 1j * rng.normal(size=(9,))).astype(np.complex64),
+    }
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            tree = jax.tree.map(jnp.asarray, grads)
+            norm, finite = _recipe.global_norm_and_finiteness(tree)
+            assert norm.dtype == jnp.float32 and bool(finite)
+            expected = optax.tree.norm(
+                jax.tree.map(
+                    lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), tree
+                )
+            )
+            np.testing.assert_array_equal(np.asarray(norm), np.asarray(expected))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["update", "step"])

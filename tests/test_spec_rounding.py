@@ -34,6 +34,7 @@ def test_mix32_is_murmur3_fmix32(values):
     got = spec.mix32(np.array(values, np.uint32))
     assert got.dtype == jnp.uint32
     assert [int(v) for v in got] == [fmix32(v) for v in values]
+    assert int(spec.mix32(0xDEADBEEF)) == fmix32(0xDEADBEEF)  # As uint32.
 
 
 def test_random_bits_are_the_elements_flat_index_hashed():
@@ -60,6 +61,13 @@ def test_streams_differ_by_seed_count_leaf_and_array():
     ]
     streams = {tuple(np.asarray(spec.random_bits(k, (64,)))) for k in keys}
     assert len(streams) == len(keys)
+    # Each part is taken modulo 2**32: a seed of 2**32 + 1 or -1 too.
+    assert int(spec.stream_key(2**32 + 1, 2, 0, spec.MU)) == int(
+        spec.stream_key(1, 2, 0, spec.MU)
+    )
+    assert int(spec.stream_key(-1, 2, 0, spec.MU)) == int(
+        spec.stream_key(2**32 - 1, 2, 0, spec.MU)
+    )
 
 
 def test_a_leaf_is_named_by_the_crc32_of_its_path():
