@@ -344,6 +344,28 @@ def test_a_hand_worked_block():
     assert read.tolist() == [0.0, 0.5, -3.0, 2.0**-9]
 
 
+def test_below_the_smallest_spacing_stochastic_goes_away_only_at_r_0():
+    """n = |x| / (the smallest spacing x the scale) below 2^-24 rounds away
+    at r = 0 (the probability rounded up to a multiple of 2^-24), down to
+    n = 2^-126; below that, and to nearest, it is 0. Rows of scale 2^0,
+    2^20 and 2^100 (nu map: smallest spacing 2^-18 x scale)."""
+    x = np.float32(
+        [
+            [1.0, 2.0**-120, 0.0],
+            [2.0**20, 2.0**-124, 2.0**-125],
+            [2.0**100, 2.0**-60, 0.0],
+        ]
+    )
+    zeros = np.zeros(x.shape, np.uint32)
+    codes, scales = spec.quantize(x, spec.NU_MAP, "stochastic", zeros, block=128)
+    assert scales[:, 0].tolist() == [1.0, 2.0**20, 2.0**100]
+    assert codes.tolist() == [[240, 1, 0], [240, 1, 0], [240, 0, 0]]
+    codes, _ = spec.quantize(x, spec.NU_MAP, "stochastic", zeros - 1, block=128)
+    assert codes.tolist() == [[240, 0, 0], [240, 0, 0], [240, 0, 0]]
+    codes, _ = spec.quantize(x, spec.NU_MAP, "nearest", block=128)
+    assert codes.tolist() == [[240, 0, 0], [240, 0, 0], [240, 0, 0]]
+
+
 def test_block_absmax_of_zeros_and_subnormals_is_zero():
     """Zeros and float32 subnormals count as 0: such a block's absmax is +0
     (and its scale 0), bit for bit."""
