@@ -347,8 +347,9 @@ def test_a_hand_worked_block():
 def test_below_the_smallest_spacing_stochastic_goes_away_only_at_r_0():
     """n = |x| / (the smallest spacing x the scale) below 2^-24 rounds away
     at r = 0 (the probability rounded up to a multiple of 2^-24), down to
-    n = 2^-126; below that, and to nearest, it is 0. Rows of scale 2^0,
-    2^20 and 2^100 (nu map: smallest spacing 2^-18 x scale)."""
+    n = 2^-126; below that, and to nearest, it is 0; up, it is the smallest
+    code (or 0 from below). Rows of scale 2^0, 2^20 and 2^100 (nu map:
+    smallest spacing 2^-18 x scale)."""
     x = np.float32(
         [
             [1.0, 2.0**-120, 0.0],
@@ -364,6 +365,12 @@ def test_below_the_smallest_spacing_stochastic_goes_away_only_at_r_0():
     assert codes.tolist() == [[240, 0, 0], [240, 0, 0], [240, 0, 0]]
     codes, _ = spec.quantize(x, spec.NU_MAP, "nearest", block=128)
     assert codes.tolist() == [[240, 0, 0], [240, 0, 0], [240, 0, 0]]
+    # Up: any positive value to at least the smallest code, a negative one
+    # toward zero.
+    codes, _ = spec.quantize(x, spec.NU_MAP, "up", block=128)
+    assert codes.tolist() == [[240, 1, 0], [240, 1, 1], [240, 1, 0]]
+    codes, _ = spec.quantize(-x, spec.MU_MAP, "up", block=128)
+    assert codes.tolist() == [[-112, 0, 0], [-112, 0, 0], [-112, 0, 0]]
 
 
 def test_block_absmax_of_zeros_and_subnormals_is_zero():
