@@ -592,8 +592,9 @@ def test_nu_max_up_is_not_stochastic_and_the_others_are_reproducible():
 
 @pytest.mark.parametrize("name", MAPS)
 def test_jit_eager_and_x64_agree(name):
-    """The same bits jitted, eagerly, and under x64 from float64 input (taken
-    as float32, computed in float32 and int32 all the same)."""
+    """The same bits jitted, eagerly, under x64 from float64 input (taken as
+    float32, computed in float32 and int32 all the same), and from the
+    random bits as int64 (taken as uint32)."""
     code_map = MAPS[name]
     rng = np.random.default_rng(3)
     x = (rng.normal(size=(3, 700)) * np.exp(rng.normal(0, 4, (3, 700)))).astype(
@@ -612,10 +613,11 @@ def test_jit_eager_and_x64_agree(name):
         jitted = jax.jit(round_trip)(x, bits)
         with jax.enable_x64(True):
             wide = round_trip(x.astype(np.float64), bits)
-        for a, b, c in zip(eager, jitted, wide, strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-            assert a.dtype == c.dtype
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+        signed = round_trip(x, np.asarray(bits).astype(np.int64))
+        for a, *others in zip(eager, jitted, wide, signed, strict=True):
+            for b in others:
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_values_below_the_smallest_normal_read_as_zero():
