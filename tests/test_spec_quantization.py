@@ -618,6 +618,10 @@ def test_jit_eager_and_x64_agree(name):
             for b in others:
                 assert a.dtype == b.dtype
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    q = x / np.abs(x).max() * code_map.top
+    codes = encode(q, code_map)
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(encode(q.astype(np.float64), code_map), codes)
 
 
 def test_values_below_the_smallest_normal_read_as_zero():
