@@ -418,7 +418,7 @@ def _store(outputs, out_dtypes, operands, keys, index, quantized, differentiable
     return operands.join_outputs(*(stored[j] for j in range(4)))
 
 
-# --- Checks. -----------------------------------------------------------------
+# --- The finite guard's skip. ---------------------------------------------------
 
 
 def unless_accepted(stored, inputs, operands, accept) -> tuple[jax.Array, ...]:

@@ -3,6 +3,7 @@
 Select with HYPOTHESIS_PROFILE=dev; CI uses `ci`, mutmut `mutation`.
 """
 
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -85,15 +86,16 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
-def _mutation_selection() -> list[str]:
+@functools.cache
+def _mutation_selection() -> tuple[str, ...]:
     """pyproject.toml's [tool.pallas_amsgrad.mutation] tests: test files,
     tests and parametrizations, as node ids."""
     pyproject = pathlib.Path(__file__).parents[1] / "pyproject.toml"
     table = tomllib.loads(pyproject.read_text())["tool"]["pallas_amsgrad"]
-    return table["mutation"]["tests"]
+    return tuple(table["mutation"]["tests"])
 
 
-def _selected(nodeid: str, selection: list[str]) -> bool:
+def _selected(nodeid: str, selection: tuple[str, ...]) -> bool:
     return any(
         nodeid == entry or nodeid.startswith((f"{entry}::", f"{entry}["))
         for entry in selection
