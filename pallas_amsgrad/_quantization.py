@@ -258,24 +258,21 @@ def decode(codes, field, cmap: CodeMap) -> jax.Array:
     return jnp.where(field >= _INFINITE_FIELD, jnp.nan, value)
 
 
-def block_absmax(x, valid=None) -> jax.Array:
+def block_absmax(x) -> jax.Array:
     """`magnitude_bits` of each block's max |x| (the last axis kept, of size
-    1), NaN taken as inf. `valid` (bool, broadcasting) masks out what is not
-    part of the block (a tail's padding).
+    1), NaN taken as inf.
 
     Reduced as float32, which every backend reduces along lanes: for these
     bits (no subnormal, nothing above inf) float order is integer order."""
     bits = jnp.minimum(magnitude_bits(x), _INFINITY_BITS)
-    if valid is not None:
-        bits = jnp.where(valid, bits, 0)
     magnitudes = jax.lax.bitcast_convert_type(bits, jnp.float32)
     return _bits(jnp.max(magnitudes, axis=-1, keepdims=True))
 
 
-def quantize_blocks(x, cmap: CodeMap, rounding: str, random=None, valid=None):
+def quantize_blocks(x, cmap: CodeMap, rounding: str, random=None):
     """(codes, scale fields) of x (float32) whose last axis is one block;
-    the fields keep that axis with size 1. `valid` as in `block_absmax`."""
-    field = scale_field(block_absmax(x, valid), cmap)
+    the fields keep that axis with size 1."""
+    field = scale_field(block_absmax(x), cmap)
     return encode(x, field, cmap, rounding, random), field
 
 

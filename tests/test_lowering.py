@@ -174,6 +174,28 @@ def test_float64_runs_the_interpreter_on_every_target():
             assert not _custom_calls(module, target), platform
 
 
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_kernels_lower_under_x64(platform):
+    """With 64-bit types enabled, float32 and bfloat16 leaves still run in
+    the Mosaic kernels, whose indices stay 32-bit (Mosaic TPU slices by
+    i32; a Python int is i64 there): float32 state, bfloat16 moments and
+    8-bit state rounded stochastically, rows with tails."""
+    shapes = {"w": (64, 512), "h": (40, 300), "b": (7,)}
+    cases = [
+        ("float32", dict()),
+        ("bfloat16", dict(mu_dtype="bfloat16", stochastic_rounding=True)),
+        ("bfloat16", dict(mu_dtype="int8", nu_dtype="uint8", stochastic_rounding=True)),
+    ]
+    with jax.enable_x64(True):
+        for dtype, option in cases:
+            opt = pallas_amsgrad.amsgrad(1e-3, implementation="pallas", **option)
+            params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()}
+            state = jax.eval_shape(opt.init, params)
+            step = jax.jit(opt.step, donate_argnums=(1, 2))
+            module = exporting.export(step, platform, params, state, params)
+            assert _custom_calls(module, CUSTOM_CALLS[platform]), option
+
+
 def test_tpu_export_names_the_tpu_that_jax_0_11_2_lowering_reads(monkeypatch):
     """jax 0.11.2's Mosaic TPU lowers `pl.run_scoped` after reading the
     TPU's kind (`tpu_info.get_tpu_info`), which fails on a host without

@@ -28,7 +28,7 @@ from implementations import named
 
 import amsgrad_spec as spec
 import pallas_amsgrad
-from pallas_amsgrad import _quantization
+from pallas_amsgrad import _math, _quantization
 
 # Leaves of at least 4096 elements (quantized): blocks that fill rows, rows
 # with tails, a vector, three dims, rows of exactly one 128-block.
@@ -297,8 +297,51 @@ def test_quantizer_equals_spec(block):
     x[1, 3] = np.nan
     x[2, 400] = np.inf
     x[3] = 0.0
-    x = jnp.asarray(x, jnp.float32)
-    bits = jnp.asarray(rng.integers(0, 2**32, x.shape, dtype=np.uint32))
+    assert_quantizer_equals_spec(jnp.asarray(x, jnp.float32), block, rng)
+
+
+def test_quantizer_equals_spec_at_the_edges():
+    """Blocks at the edges of the scale's choice and of the codes, bitwise as
+    the spec's: max |x| in float32's smallest normal binade beside
+    subnormals (a block of subnormals only is all zero); max |x| at the top
+    value times a power of two, and one ulp either side (above it the scale
+    doubles); elements 2^-126 to 2^-160 times the scale, and one whose
+    scaled value is float32's smallest normal with random bits 0 (rounded
+    up stochastically: probability 2^-24 in the spec); fractions of exactly
+    one half against random bits of one half."""
+    rng = np.random.default_rng(5)
+    smallest = np.float32(2.0**-126)
+    x = rng.uniform(-1, 1, (12, 128)).astype(np.float32)
+    x[0] = smallest * rng.uniform(1, 2, 128)
+    x[1] = smallest * np.float32(2.0**-3) * x[1]  # Subnormal.
+    x[2, ::2] = x[1, ::2]  # Half subnormal, half in the smallest binade.
+    x[3, 1:] = smallest * np.float32(0.5) * x[3, 1:]  # Subnormal,
+    x[3, 0] = smallest  # but for the first.
+    top = np.float32(1.9375 * 2.0**20)  # Both maps' top value, 1 + 15/16.
+    edges = np.nextafter(top, np.array([0, top, np.inf], np.float32))
+    for row, max_abs in zip((4, 5, 6), edges, strict=True):
+        x[row, 7] = -max_abs
+    x[7] = np.float32(2.0**-100) * x[7]  # A tiny scale.
+    x[8] = np.float32(2.0**100) * x[8]
+    x[8, 1:40] = np.float32(2.0**100) * np.exp2(-np.arange(126.0, 165.0))
+    x[8, 40:79] = -x[8, 1:40]
+    # The scaled value's field is 1 for int8's scale 2^10 and uint8's 2^18.
+    x[9, 0], x[9, 1:] = 1500.0, np.float32(1.5) * smallest
+    x[10, 0], x[10, 1:] = 400000.0, np.float32(1.5) * smallest
+    # Halfway between codes (1 and 1 + 1/16 at scale 1), bits 2^31: a
+    # fraction of exactly r / 2^24 rounds toward zero.
+    x[11, 0], x[11, 1:64], x[11, 64:] = 1.5, 1 + 1 / 32, -1 - 1 / 32
+    bits = rng.integers(0, 2**32, x.shape, dtype=np.uint32)
+    bits[8:11] = 0
+    bits[11] = 2**31
+    assert_quantizer_equals_spec(jnp.asarray(x), 128, bits=jnp.asarray(bits))
+
+
+def assert_quantizer_equals_spec(x, block, rng=None, bits=None):
+    """Codes, scales and values read back of x, per map and rounding, with
+    `bits` (random from `rng` if not given) for stochastic rounding."""
+    if bits is None:
+        bits = jnp.asarray(rng.integers(0, 2**32, x.shape, dtype=np.uint32))
     for spec_map, code_map in (
         (spec.MU_MAP, _quantization.MU_MAP),
         (spec.NU_MAP, _quantization.NU_MAP),
@@ -343,6 +386,19 @@ def test_init_layout():
         jax.tree.leaves(state), jax.tree.leaves(spec_state), strict=True
     ):
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+
+
+def test_which_leaves_are_quantized():
+    """At the edges: 4096 elements or more and a last dim of at least 2."""
+    quantized = {(4096,): True, (2048, 2): True, (2, 2048): True, (4095,): False}
+    quantized |= {(4096, 1): False, (2047, 2): False, (): False}
+    params = {str(shape): jnp.zeros(shape) for shape in quantized}
+    opt = pallas_amsgrad.amsgrad(0.1, mu_dtype=jnp.int8, nu_dtype=jnp.uint8)
+    state = jax.eval_shape(opt.init, params)[0]
+    for shape, expected in quantized.items():
+        for moment in (state.mu, state.nu, state.nu_max):
+            got = isinstance(moment[str(shape)], pallas_amsgrad.QuantizedArray)
+            assert got == expected, shape
 
 
 def test_state_round_trips_pickle_and_orbax(tmp_path):
@@ -513,6 +569,46 @@ def test_dequantize_any_leaf():
     assert pallas_amsgrad.dequantize(x.astype(jnp.bfloat16)).dtype == jnp.float32
     q = _quantization.quantize(x, _quantization.MU_MAP, "nearest", block=128)
     np.testing.assert_array_equal(pallas_amsgrad.dequantize(q), x)  # Exact here.
+
+
+def test_reads_are_in_the_compute_dtype():
+    """Every input a step reads (the XLA path's `read_leaf`, the kernels'
+    `read_blocks`), 16-bit params and grads too, comes in the compute dtype
+    with its exact value: a bfloat16 grad squared in bfloat16 would round.
+    (XLA on CPU computes bfloat16 in float32 without rounding in between, so
+    a step run here would not tell.)"""
+    rng = np.random.default_rng(9)
+    operands = _math.Operands(
+        apply_to_params=True, quantized=(True, False, True), block=128
+    )
+    values = [jnp.asarray(rng.normal(size=(2, 256)), jnp.float32) for _ in range(5)]
+    param, grad = (x.astype(jnp.bfloat16) for x in values[:2])
+    nu = values[3].astype(jnp.float16)
+    mu = _quantization.quantize(values[2], _quantization.MU_MAP, "nearest", block=128)
+    nu_max = _quantization.quantize(
+        jnp.abs(values[4]), _quantization.NU_MAP, "up", block=128
+    )
+    expected = [param, grad, pallas_amsgrad.dequantize(mu), nu]
+    expected.append(pallas_amsgrad.dequantize(nu_max))
+    leaf = [param, grad, mu.codes, mu.scales, nu, nu_max.codes, nu_max.scales]
+    blocks = [
+        _quantization.field_of(x)[..., None]
+        if x.dtype == jnp.float32
+        # Each row's two blocks of 128 along a new axis.
+        else x.reshape(2, 2, 128)
+        for x in leaf
+    ]
+    reads = {
+        "read_leaf": _quantization.read_leaf(leaf, operands, jnp.float32),
+        "read_blocks": [
+            x.reshape(2, 256)
+            for x in _quantization.read_blocks(blocks, operands, jnp.float32)
+        ],
+    }
+    for name, read in reads.items():
+        assert [x.dtype for x in read] == [jnp.float32] * 5, name
+        for x, want in zip(read, expected, strict=True):
+            np.testing.assert_array_equal(x, want.astype(jnp.float32), err_msg=name)
 
 
 def test_eight_bit_state_bytes():

@@ -1100,7 +1100,7 @@ def _widened(x) -> jax.Array:
 
 def _row_fields(x, cmap, valid=None) -> jax.Array:
     """The exponent field of each row's scale (rows,): `_quantization`'s
-    `block_absmax` (`valid` masking what is not the row's) and
+    `block_absmax`, with what is not the row's (`valid`) masked out, and
     `scale_field`, the max reduced away (Mosaic GPU keeps no (rows, 1)
     array in the rows' layout)."""
     bits = jnp.minimum(_quantization.magnitude_bits(x), _quantization._INFINITY_BITS)

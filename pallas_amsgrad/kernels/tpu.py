@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -471,7 +472,10 @@ def _stream(
                     if inbound
                     else (buf.at[slot], window_ref)
                 )
-                result.append(pltpu.make_async_copy(*ends, sems.at[i, slot]))
+                # Indices as int32: Mosaic slices by i32 (a Python int is
+                # i64 under x64).
+                semaphore = sems.at[np.int32(i), slot]
+                result.append(pltpu.make_async_copy(*ends, semaphore))
             return result
 
         def start(step, slot, inbound):
@@ -490,7 +494,7 @@ def _stream(
 
         @pl.when(count > 0)
         def _():
-            start(0, 0, inbound=True)
+            start(0, np.int32(0), inbound=True)
 
         def iteration(step, carry):
             slot = slot_of(step)
