@@ -337,6 +337,25 @@ def test_quantizer_equals_spec_at_the_edges():
     assert_quantizer_equals_spec(jnp.asarray(x), 128, bits=jnp.asarray(bits))
 
 
+def test_every_code_reads_as_the_spec_at_every_scale():
+    """Each of the 256 codes of both maps, at scales from 0 (an all-zero
+    block) through 2^-126 (values below it read as 0) to 2^127 and inf
+    (NaN), read back as the spec reads it, bitwise."""
+    fields = np.array([0, 1, 2, 5, 10, 17, 100, 127, 200, 254, 255], np.int32)
+    scales = _quantization.scales_of(jnp.asarray(fields))[:, None]
+    for spec_map, code_map in (
+        (spec.MU_MAP, _quantization.MU_MAP),
+        (spec.NU_MAP, _quantization.NU_MAP),
+    ):
+        codes = np.arange(256, dtype=np.uint8).view(code_map.dtype)
+        codes = jnp.asarray(np.tile(codes, (len(fields), 1)))
+        ours = _quantization.QuantizedArray(codes, scales, 256)
+        np.testing.assert_array_equal(
+            pallas_amsgrad.dequantize(ours).view(jnp.int32),
+            spec.dequantize(codes, scales, spec_map, 256).view(jnp.int32),
+        )
+
+
 def assert_quantizer_equals_spec(x, block, rng=None, bits=None):
     """Codes, scales and values read back of x, per map and rounding, with
     `bits` (random from `rng` if not given) for stochastic rounding."""

@@ -65,6 +65,20 @@ def test_matches_spec(implementation, dtype, data):
     check_against_spec(implementation, *trajectory, hp)
 
 
+def test_float64_params_under_x64_match_spec(implementation):
+    """With 64-bit types enabled, float64 params computed in float64 and
+    16-bit moments rounded stochastically: each moment is taken as float32
+    first, as the spec takes it."""
+    rng = np.random.default_rng(11)
+    with jax.enable_x64(True):
+        params = jnp.asarray(rng.normal(size=(4, 300)))
+        grads = [jnp.asarray(rng.normal(size=(4, 300)) * 10.0**-k) for k in range(3)]
+        hp = spec.Hyperparams(
+            0.01, mu_dtype=jnp.bfloat16, nu_dtype=jnp.float16, stochastic_rounding=True
+        )
+        check_against_spec(implementation, params, grads, hp)
+
+
 def _tree():
     """Leaves of whole blocks, a tail, a 3-D leaf and a vector under a row,
     in bfloat16 and float32 (whose float16 nu is rounded too)."""
