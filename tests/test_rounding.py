@@ -62,6 +62,24 @@ def test_every_fraction_and_every_threshold(dtype):
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name
+)
+def test_every_binade_around_float16s_subnormals(dtype):
+    """Values of each binade from 2^-27 to 2^-12 (float16's subnormals drop
+    one more bit per binade below 2^-14), both signs, random mantissas and
+    bits."""
+    rng = np.random.default_rng(3)
+    exponents = np.repeat(np.arange(100, 116, dtype=np.uint32), 64)
+    mantissas = rng.integers(0, 2**23, exponents.size, dtype=np.uint32)
+    signs = rng.integers(0, 2, exponents.size, dtype=np.uint32) << np.uint32(31)
+    x = jnp.asarray((signs | exponents << np.uint32(23) | mantissas).view(np.float32))
+    bits = jnp.asarray(rng.integers(0, 2**32, exponents.size, dtype=np.uint32))
+    got = np.asarray(_rounding.stochastic_round(x, dtype, bits))
+    want = np.asarray(spec.stochastic_round(x, dtype, bits))
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
 @given(seed=UINT32, count=st.integers(0, 2**31 - 1), path=st.text(max_size=20))
 def test_stream_keys_equal_the_spec(seed, count, path):
     keys = _rounding.stream_keys(seed, jnp.int32(count), path)
