@@ -178,12 +178,15 @@ def test_float64_runs_the_interpreter_on_every_target():
 def test_kernels_lower_under_x64(platform):
     """With 64-bit types enabled, float32 and bfloat16 leaves still run in
     the Mosaic kernels, whose indices stay 32-bit (Mosaic TPU slices by
-    i32; a Python int is i64 there): float32 state, bfloat16 moments and
+    i32; a Python int is i64 there): float32 state, 16-bit moments and
     8-bit state rounded stochastically, rows with tails."""
     shapes = {"w": (64, 512), "h": (40, 300), "b": (7,)}
     cases = [
         ("float32", dict()),
-        ("bfloat16", dict(mu_dtype="bfloat16", stochastic_rounding=True)),
+        (
+            "bfloat16",
+            dict(mu_dtype="bfloat16", nu_dtype="float16", stochastic_rounding=True),
+        ),
         ("bfloat16", dict(mu_dtype="int8", nu_dtype="uint8", stochastic_rounding=True)),
     ]
     with jax.enable_x64(True):

@@ -68,13 +68,17 @@ def test_every_fraction_and_every_threshold(dtype):
 def test_every_binade_around_float16s_subnormals(dtype):
     """Values of each binade from 2^-27 to 2^-12 (float16's subnormals drop
     one more bit per binade below 2^-14), both signs, random mantissas and
-    bits."""
+    bits; below 2^-24, random bits equal to the value's."""
     rng = np.random.default_rng(3)
     exponents = np.repeat(np.arange(100, 116, dtype=np.uint32), 64)
     mantissas = rng.integers(0, 2**23, exponents.size, dtype=np.uint32)
     signs = rng.integers(0, 2, exponents.size, dtype=np.uint32) << np.uint32(31)
-    x = jnp.asarray((signs | exponents << np.uint32(23) | mantissas).view(np.float32))
-    bits = jnp.asarray(rng.integers(0, 2**32, exponents.size, dtype=np.uint32))
+    x = (signs | exponents << np.uint32(23) | mantissas).view(np.float32)
+    bits = rng.integers(0, 2**32, exponents.size, dtype=np.uint32)
+    # Below 2^-24, |x| * 2^48 against top 24 bits equal to it: toward zero.
+    whole = rng.integers(1, 2**24, 64, dtype=np.uint32)
+    x = jnp.asarray(np.concatenate([x, whole * np.float32(2.0**-48)]))
+    bits = jnp.asarray(np.concatenate([bits, whole << np.uint32(8)]))
     got = np.asarray(_rounding.stochastic_round(x, dtype, bits))
     want = np.asarray(spec.stochastic_round(x, dtype, bits))
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
