@@ -68,7 +68,8 @@ def test_every_fraction_and_every_threshold(dtype):
 def test_every_binade_around_float16s_subnormals(dtype):
     """Values of each binade from 2^-27 to 2^-12 (float16's subnormals drop
     one more bit per binade below 2^-14), both signs, random mantissas and
-    bits; below 2^-24, random bits equal to the value's."""
+    bits; below 2^-24, random bits equal to the value's; float32's smallest
+    normals and its subnormals with random bits 0."""
     rng = np.random.default_rng(3)
     exponents = np.repeat(np.arange(100, 116, dtype=np.uint32), 64)
     mantissas = rng.integers(0, 2**23, exponents.size, dtype=np.uint32)
@@ -77,8 +78,12 @@ def test_every_binade_around_float16s_subnormals(dtype):
     bits = rng.integers(0, 2**32, exponents.size, dtype=np.uint32)
     # Below 2^-24, |x| * 2^48 against top 24 bits equal to it: toward zero.
     whole = rng.integers(1, 2**24, 64, dtype=np.uint32)
-    x = jnp.asarray(np.concatenate([x, whole * np.float32(2.0**-48)]))
-    bits = jnp.asarray(np.concatenate([bits, whole << np.uint32(8)]))
+    # float32's smallest normals and subnormals with top bits 0: away for
+    # normals (|x| * 2^48 > 0), never for subnormals.
+    edge = rng.integers(1, 2**24, 64, dtype=np.uint32).view(np.float32)
+    x = np.concatenate([x, whole * np.float32(2.0**-48), edge, -edge])
+    bits = np.concatenate([bits, whole << np.uint32(8), np.zeros(128, np.uint32)])
+    x, bits = jnp.asarray(x), jnp.asarray(bits)
     got = np.asarray(_rounding.stochastic_round(x, dtype, bits))
     want = np.asarray(spec.stochastic_round(x, dtype, bits))
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
