@@ -124,6 +124,18 @@ def test_a_shards_flat_index_is_its_place_in_the_whole_leaf():
     np.testing.assert_array_equal(whole[start] + offsets, window)
 
 
+def test_flat_indices_of_leaves_past_2_32_elements_wrap():
+    """A leaf of 3 x (2^32 + 5) elements (its shape only: nothing is
+    allocated), shard at row 1: flat indices modulo 2^32, as the spec's
+    uint32 index arithmetic wraps."""
+    shape = (3, 2**32 + 5)
+    streams = _rounding.Streams(jnp.zeros((1, 4), jnp.uint32), ((1, 0),), (shape,))
+    assert int(streams.base(0)) == 5  # (2^32 + 5) mod 2^32.
+    np.testing.assert_array_equal(streams.flat_index(0, (1, 4)), [[5, 6, 7, 8]])
+    streams = _rounding.Streams(jnp.zeros((1, 4), jnp.uint32), ((2, 3),), (shape,))
+    assert int(streams.base(0)) == 13  # 2 (2^32 + 5) + 3 mod 2^32.
+
+
 @given(data=st.data())
 def test_whole_offset_places_every_shard_element(data):
     """For any even split of any leaf of up to 5 dims, `base` plus

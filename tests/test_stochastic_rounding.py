@@ -220,7 +220,10 @@ def test_a_shard_takes_the_bits_of_its_place_in_the_whole_leaf(implementation):
     whole = _group_on(
         implementation, whole_leaves, tuple((0,) * len(s) for s in shapes), shapes
     )
-    starts = tuple(start for _, start, _ in SHARDS.values())
+    # int32, as a device reads its place from its mesh axis indices.
+    starts = tuple(
+        tuple(jnp.int32(i) for i in start) for _, start, _ in SHARDS.values()
+    )
     sharded = _group_on(implementation, shard_leaves, starts, shapes)
     as_contiguous = _group_on(
         "xla", shard_leaves, starts, tuple(local for _, _, local in SHARDS.values())
