@@ -99,6 +99,18 @@ def test_stream_keys_equal_the_spec(seed, count, path):
     ]
 
 
+def test_stream_keys_take_python_ints_modulo_2_32():
+    """Seeds and counts given as Python ints outside uint32 (negative, past
+    2^32) are taken modulo 2^32, as the spec takes them."""
+    for seed, count in [(-1, 2**32 + 3), (2**32 + 7, -5), (-(2**40), 2**33)]:
+        keys = _rounding.stream_keys(seed, count, "['w']")
+        leaf = spec.leaf_id("['w']")
+        assert [int(k) for k in keys] == [
+            int(spec.stream_key(seed, count, leaf, array))
+            for array in (spec.PARAM, spec.MU, spec.NU, spec.NU_MAX)
+        ], (seed, count)
+
+
 def test_a_shards_flat_index_is_its_place_in_the_whole_leaf():
     """`Streams.flat_index` of the shard at (2, 4) of a (6, 8, 5) leaf split
     3 x 2 over its first two dims is that shard of the whole leaf's flat
