@@ -211,6 +211,25 @@ def test_step_equals_the_float_step_stored_by_the_spec(implementation, case):
     check_quantized_step(implementation, params, grads, hp)
 
 
+def test_each_moment_rounds_as_its_own_dtype_asks(implementation):
+    """Stochastic rounding with one moment 8-bit and the other float32 (not
+    rounded) or bfloat16: the 8-bit one rounds stochastically all the same."""
+    rng = np.random.default_rng(6)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 300)), jnp.float32)}
+    grads = [
+        jax.tree.map(lambda p, k=k: jnp.cos(p * (2 + k)), params) for k in range(2)
+    ]
+    for mu_dtype, nu_dtype in [
+        (jnp.int8, None),
+        (None, jnp.uint8),
+        (jnp.int8, jnp.bfloat16),
+    ]:
+        hp = spec.Hyperparams(
+            0.01, mu_dtype=mu_dtype, nu_dtype=nu_dtype, stochastic_rounding=True, seed=3
+        )
+        check_quantized_step(implementation, params, grads, hp)
+
+
 def test_skipped_step_keeps_codes_and_scales(implementation):
     """The finite guard's skip leaves every code and scale as it was (the XLA
     path's branch and the kernels' select alike), and the count."""
