@@ -324,7 +324,7 @@ def test_quantizer_equals_spec_at_the_edges():
     the spec's: max |x| in float32's smallest normal binade beside
     subnormals (a block of subnormals only is all zero); max |x| at the top
     value times a power of two, and one ulp either side (above it the scale
-    doubles); elements 2^-126 to 2^-160 times the scale, and one whose
+    doubles); elements 2^-126 to 2^-164 times the scale, and one whose
     scaled value is float32's smallest normal with random bits 0 (rounded
     up stochastically: probability 2^-24 in the spec); fractions of exactly
     one half against random bits of one half."""
