@@ -46,9 +46,15 @@ DTYPE_GRID = list(
 )
 
 
-def _export(platform, fn_name, dtype, mu_dtype, shapes=SHAPES, block_sizes=None):
+def _export(
+    platform, fn_name, dtype, mu_dtype, shapes=SHAPES, block_sizes=None, **options
+):
     opt = pallas_amsgrad.amsgrad(
-        1e-3, mu_dtype=mu_dtype, implementation="pallas", block_sizes=block_sizes
+        1e-3,
+        mu_dtype=mu_dtype,
+        implementation="pallas",
+        block_sizes=block_sizes,
+        **options,
     )
     params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()}
     state = jax.eval_shape(opt.init, params)
@@ -182,21 +188,14 @@ def test_kernels_lower_under_x64(platform):
     8-bit state rounded stochastically, rows with tails."""
     shapes = {"w": (64, 512), "h": (40, 300), "b": (7,)}
     cases = [
-        ("float32", dict()),
-        (
-            "bfloat16",
-            dict(mu_dtype="bfloat16", nu_dtype="float16", stochastic_rounding=True),
-        ),
-        ("bfloat16", dict(mu_dtype="int8", nu_dtype="uint8", stochastic_rounding=True)),
+        ("float32", None, dict()),
+        ("bfloat16", "bfloat16", dict(nu_dtype="float16", stochastic_rounding=True)),
+        ("bfloat16", "int8", dict(nu_dtype="uint8", stochastic_rounding=True)),
     ]
     with jax.enable_x64(True):
-        for dtype, option in cases:
-            opt = pallas_amsgrad.amsgrad(1e-3, implementation="pallas", **option)
-            params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()}
-            state = jax.eval_shape(opt.init, params)
-            step = jax.jit(opt.step, donate_argnums=(1, 2))
-            module = exporting.export(step, platform, params, state, params)
-            assert _custom_calls(module, CUSTOM_CALLS[platform]), option
+        for dtype, mu_dtype, options in cases:
+            module = _export(platform, "step", dtype, mu_dtype, shapes, **options)
+            assert _custom_calls(module, CUSTOM_CALLS[platform]), (mu_dtype, options)
 
 
 def test_tpu_export_names_the_tpu_that_jax_0_11_2_lowering_reads(monkeypatch):
