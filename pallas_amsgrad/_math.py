@@ -118,8 +118,8 @@ def step_block(
     sqrt: Callable[[jax.Array], jax.Array] = jnp.sqrt,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """A leaf's (block's) outputs in `operands` order, from its inputs in
-    `operands` order, all in the compute dtype and unrounded: the new param
-    (or the update), mu, nu, nu_max."""
+    `operands` order, each in its `read_dtype`, unrounded: the new param (or
+    the update), mu, nu, nu_max."""
     param, grad, mu, nu, nu_max = operands.split(inputs)
     terms = operands.terms
     update, *moments = amsgrad_block(
@@ -139,6 +139,15 @@ def step_block(
         jnp.where(accept, new, old)
         for new, old in zip((first, *moments), unchanged, strict=True)
     )
+
+
+def read_dtype(name: str, stored: Any, compute: Any) -> Any:
+    """The dtype `step_block` takes input `name` (stored in `stored`) in: the
+    compute dtype, but a param wider than it in its own (float64 params of
+    float32 gradients and moments), so that `step` computes the moments as
+    `update` does and adds the update to the param in the param's dtype, as
+    `optax.apply_updates` adds it."""
+    return jnp.promote_types(stored, compute) if name == "param" else compute
 
 
 def squared_magnitude(x: jax.Array) -> jax.Array:

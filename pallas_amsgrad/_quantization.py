@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_amsgrad import _rounding
+from pallas_amsgrad import _math, _rounding
 
 # Elements per block along the last dimension: `quantization_block`'s default.
 QUANTIZATION_BLOCK = 256
@@ -358,7 +358,10 @@ def _read(leaf, operands, dtype, dequantized) -> list[jax.Array]:
         if isinstance(moment, tuple):
             moment = dequantized(*moment)
         read.append(moment)
-    return [jnp.asarray(x, dtype) for x in read]
+    return [
+        jnp.asarray(x, _math.read_dtype(name, x.dtype, dtype))
+        for name, x in zip(operands.decoded().inputs, read, strict=True)
+    ]
 
 
 def store_leaf(

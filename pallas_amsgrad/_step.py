@@ -198,8 +198,6 @@ def fused_update(
             is_schedule,
             (recipe.weight_decay, param) if operands.terms.decay else None,
         )
-        if operands.reads_param:
-            compute = jnp.result_type(compute, param.dtype)
         if apply_to_params:
             out_dtypes = (param.dtype, *out_dtypes[1:])
         if hp.stochastic_rounding:

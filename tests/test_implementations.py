@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 import strategies
@@ -24,6 +25,7 @@ from implementations import check_against_spec, optimizer
 import amsgrad_spec as spec
 import pallas_amsgrad
 from pallas_amsgrad import _math
+from pallas_amsgrad.tools import composition
 
 block_sizes = st.sampled_from(
     [None, pallas_amsgrad.BlockSizes(16), pallas_amsgrad.BlockSizes(32)]
@@ -293,3 +295,46 @@ def test_float32_leaves_under_x64(implementation):
             jax.tree.map(lambda p, s=s: jnp.cos(p * (2 + s)), params) for s in range(2)
         ]
         check_against_spec(implementation, params, grads, spec.Hyperparams(0.01))
+
+
+@pytest.mark.parametrize("weight_decay", [None, 0.1], ids=["plain", "decayed"])
+def test_float64_params_of_float32_moments_under_x64(implementation, weight_decay):
+    """float32 gradients and moments for float64 params: `update` as the
+    spec's, and `step` computes the moments as `update` does (in float32, or
+    with the decay, which reads the param, in float64 in both) and adds the update to the param in float64,
+    bit for bit `optax.apply_updates`, not to the param rounded to float32."""
+    with jax.enable_x64(True):
+        # Steps of 2^-40 above 1: float32 would round every param to 1.
+        params = {
+            "w": 1 + jnp.arange(2 * 130, dtype=jnp.float64).reshape(2, 130) * 2.0**-40
+        }
+        hp = spec.Hyperparams(0.01, weight_decay=weight_decay)
+        opt = optimizer(hp, implementation)
+        state = opt.init(jax.tree.map(lambda p: p.astype(jnp.float32), params))
+        update, step = jax.jit(opt.update), jax.jit(opt.step)
+        for s in range(2):
+            grads = {
+                "w": jnp.cos(jnp.arange(2 * 130, dtype=jnp.float32) + s).reshape(2, 130)
+            }
+            updates, update_state = update(grads, state, params)
+            expected_updates, expected_state = spec.update(
+                grads, composition.spec_state_of(state, hp), hp, params
+            )
+            tolerances.assert_trees_ulp_close(
+                (updates, update_state),
+                (
+                    expected_updates,
+                    composition.optax_state_of(expected_state, hp, params),
+                ),
+                tolerances.for_recipe(
+                    tolerances.IMPLEMENTATION_ULPS, clips=False, decays=hp.decays
+                ),
+                f"step {s}: ",
+            )
+            new_params, state = step(grads, state, params)
+            tolerances.assert_trees_equal(state, update_state, f"step {s}: ")
+            tolerances.assert_trees_equal(
+                new_params, optax.apply_updates(params, updates), f"step {s}: "
+            )
+            params = new_params
+        assert len(np.unique(np.asarray(params["w"]))) > 2 * 130 - 8

@@ -119,12 +119,63 @@ def test_skipped_steps_change_nothing_until_given_up(implementation):
     assert bool(state.last_finite)
 
 
+# Each layout of the composition's chain state (which parts are there, and
+# which hold a count), with values that make each option act where it can.
+CHAIN_LAYOUTS = {
+    "clip-not-reached": {"max_grad_norm": 1e6},  # Scales nothing.
+    "clip": {"max_grad_norm": 0.5},
+    "decay": {"weight_decay": 0.05},
+    "masked-decay": {"weight_decay": 0.05, "mask": {"w": True, "b": False}},
+    "scheduled-decay": {"weight_decay": optax.linear_schedule(0.1, 0.0, 4)},
+    "skip": {"max_consecutive_errors": 1},
+}
+
+
+@pytest.mark.parametrize("layout", list(CHAIN_LAYOUTS))
+@pytest.mark.parametrize("learning_rate", ["float", "schedule"])
+def test_each_chain_layout_matches_spec(implementation, learning_rate, layout):
+    """One option at a time, with a constant or scheduled learning rate: each
+    part of the chain's state is read and advanced where it sits, over three
+    steps where the schedules' values change."""
+    hp = spec.Hyperparams(
+        learning_rate=0.05
+        if learning_rate == "float"
+        else optax.linear_schedule(0.1, 0.01, 3),
+        **CHAIN_LAYOUTS[layout],
+    )
+    keys = jax.random.split(jax.random.key(3), 5)
+    params = {
+        "w": jax.random.normal(keys[0], (4, 6)),
+        "b": jax.random.normal(keys[1], (6,)),
+    }
+    grads = [
+        jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), params)
+        for k in keys[2:]
+    ]
+    check_against_spec(implementation, params, grads, hp)
+
+
 def test_clipping_with_zero_gradients(implementation):
     """A global norm of zero is below any bound: nothing is scaled, no NaN."""
     hp = spec.Hyperparams(0.1, max_grad_norm=1.0, weight_decay=0.01)
     params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.ones(5)}
     zeros = jax.tree.map(jnp.zeros_like, params)
     check_against_spec(implementation, params, [zeros, zeros], hp)
+
+
+def test_clipping_at_an_infinite_bound_where_the_norm_overflows(implementation):
+    """max_grad_norm=inf scales nothing while the norm is finite. Finite
+    gradients whose sum of squares overflows float32 have an infinite norm,
+    and optax's composition scales them by inf/inf: NaN updates, as here,
+    not the gradients taken unclipped."""
+    hp = spec.Hyperparams(0.1, max_grad_norm=jnp.inf)
+    params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4)}
+    grads = {"w": jnp.full((3, 4), 1e20, jnp.float32)}
+    for opt in (optimizer(hp, implementation), composition.optimizer(hp)):
+        updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+        assert np.isnan(np.asarray(updates["w"])).all(), opt
+    hp = dataclasses.replace(hp, max_grad_norm=1.0)  # A finite bound: finite.
+    check_against_spec(implementation, params, [grads], hp)
 
 
 def test_global_norm_is_optaxs_in_float32_and_complex64_under_x64():

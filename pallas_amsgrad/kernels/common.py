@@ -204,7 +204,10 @@ def amsgrad_kernel(
     # jnp.asarray(x, dtype), not x.astype(dtype): with dtype None the first
     # keeps the block's own dtype where the second takes jnp's default float.
     outputs = _math.step_block(
-        [jnp.asarray(load(ref), dtype) for ref in in_refs],
+        [
+            jnp.asarray(load(ref), _math.read_dtype(name, ref.dtype, dtype))
+            for name, ref in zip(operands.inputs, in_refs, strict=True)
+        ],
         _math.Coefficients.unpack(coefficients_ref),
         operands,
         sqrt=sqrt,
