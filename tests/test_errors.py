@@ -71,7 +71,9 @@ def test_mu_dtype_must_be_float_or_int8(mu_dtype):
         pallas_amsgrad.amsgrad(0.1, mu_dtype=mu_dtype)
 
 
-@pytest.mark.parametrize("learning_rate", ["0.1", np.ones(3, np.float32), None, True], ids=repr)
+@pytest.mark.parametrize(
+    "learning_rate", ["0.1", np.ones(3, np.float32), None, True], ids=repr
+)
 def test_learning_rate_scalar_or_callable(learning_rate):
     with pytest.raises(TypeError, match="learning_rate"):
         pallas_amsgrad.amsgrad(learning_rate)
@@ -205,11 +207,19 @@ def test_complex_gradient_for_a_real_param():
             ValueError,
             r"weight_decay=-0\.1 must be non-negative",
         ),
-        ({"weight_decay": np.ones(2, np.float32)}, TypeError, r"weight_decay must be a scalar"),
+        (
+            {"weight_decay": np.ones(2, np.float32)},
+            TypeError,
+            r"weight_decay must be a scalar",
+        ),
         ({"weight_decay": "0.1"}, TypeError, r"weight_decay='0\.1' must be a scalar"),
         ({"max_grad_norm": -1.0}, ValueError, r"max_grad_norm=-1\.0 must be positive"),
         ({"max_grad_norm": 0.0}, ValueError, r"max_grad_norm=0\.0 must be positive"),
-        ({"max_grad_norm": np.ones(3, np.float32)}, TypeError, r"max_grad_norm must be a scalar"),
+        (
+            {"max_grad_norm": np.ones(3, np.float32)},
+            TypeError,
+            r"max_grad_norm must be a scalar",
+        ),
         (
             {"max_consecutive_errors": 0},
             ValueError,
