@@ -201,6 +201,59 @@ def test_output_dtypes_equal_optax(implementation, dtype, mu_dtype, learning_rat
     )
 
 
+@pytest.mark.parametrize(
+    "hyperparams",
+    ["floats", "float32-arrays"],  # Weakly typed, or not.
+)
+@pytest.mark.parametrize(
+    "grad_dtype, param_dtype",
+    [("float32", "bfloat16"), ("bfloat16", "float32"), ("float16", "bfloat16")],
+)
+def test_output_dtypes_of_mixed_leaves_equal_optax(
+    implementation, grad_dtype, param_dtype, hyperparams
+):
+    """Gradients of another dtype than the params and state, and b1, b2,
+    eps, eps_root as float32 arrays (as `optax.inject_hyperparams` passes
+    them): over two steps (optax's first may widen the state), `update`'s and
+    `step`'s outputs have optax's dtypes."""
+    kwargs = {}
+    if hyperparams == "float32-arrays":
+        kwargs = {
+            name: jnp.asarray(value, jnp.float32)
+            for name, value in {
+                "b1": 0.9,
+                "b2": 0.999,
+                "eps": 1e-8,
+                "eps_root": 0.0,
+            }.items()
+        }
+    theirs = optax.amsgrad(0.1, **kwargs)
+    ours = pallas_amsgrad.amsgrad(0.1, **kwargs, implementation=implementation)
+    params = {"w": jax.ShapeDtypeStruct((3, 130), param_dtype)}
+    grads = {"w": jax.ShapeDtypeStruct((3, 130), grad_dtype)}
+
+    def two_steps(opt, fused):
+        def run(grads, params):
+            state, outputs = opt.init(params), []
+            for _ in range(2):
+                if fused:
+                    params, state = opt.step(grads, state, params)
+                    outputs.append((params, state))
+                else:
+                    updates, state = opt.update(grads, state, params)
+                    params = optax.apply_updates(params, updates)
+                    outputs.append((updates, params, state))
+            return outputs
+
+        return jax.tree.map(
+            lambda x: jnp.dtype(x.dtype), jax.eval_shape(run, grads, params)
+        )
+
+    expected = two_steps(theirs, fused=False)
+    assert two_steps(ours, fused=False) == expected
+    assert two_steps(ours, fused=True) == [(p, s) for _, p, s in expected]
+
+
 def _complex_tree(dtype, seed):
     key_real, key_imag = jax.random.split(jax.random.key(seed))
     real = jax.random.normal(key_real, (17, 130)) * (1 + 9 * (seed % 2))

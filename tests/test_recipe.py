@@ -127,6 +127,10 @@ CHAIN_LAYOUTS = {
     "decay": {"weight_decay": 0.05},
     "masked-decay": {"weight_decay": 0.05, "mask": {"w": True, "b": False}},
     "scheduled-decay": {"weight_decay": optax.linear_schedule(0.1, 0.0, 4)},
+    "masked-scheduled-decay": {
+        "weight_decay": optax.linear_schedule(0.1, 0.0, 4),
+        "mask": {"w": True, "b": False},
+    },
     "skip": {"max_consecutive_errors": 1},
 }
 
