@@ -201,32 +201,32 @@ def test_output_dtypes_equal_optax(implementation, dtype, mu_dtype, learning_rat
     )
 
 
+HYPERPARAMETERS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 0.0}
+
+
+# All weakly typed (Python floats), or one a float32 array, as
+# `optax.inject_hyperparams` passes them.
 @pytest.mark.parametrize(
-    "hyperparams",
-    ["floats", "float32-arrays"],  # Weakly typed, or not.
+    "array", [None, *HYPERPARAMETERS], ids=lambda a: f"{a}-array" if a else "floats"
 )
 @pytest.mark.parametrize(
     "grad_dtype, param_dtype",
-    [("float32", "bfloat16"), ("bfloat16", "float32"), ("float16", "bfloat16")],
+    [
+        ("bfloat16", "bfloat16"),
+        ("float32", "bfloat16"),
+        ("bfloat16", "float32"),
+        ("float16", "bfloat16"),
+    ],
 )
-def test_output_dtypes_of_mixed_leaves_equal_optax(
-    implementation, grad_dtype, param_dtype, hyperparams
+def test_output_dtypes_of_mixed_leaves_and_array_hyperparameters(
+    implementation, grad_dtype, param_dtype, array
 ):
-    """Gradients of another dtype than the params and state, and b1, b2,
-    eps, eps_root as float32 arrays (as `optax.inject_hyperparams` passes
-    them): over two steps (optax's first may widen the state), `update`'s and
-    `step`'s outputs have optax's dtypes."""
+    """Gradients of the params' dtype or another, and each of b1, b2, eps,
+    eps_root as a float32 array: over two steps (optax's first may
+    widen the state), `update`'s and `step`'s outputs have optax's dtypes."""
     kwargs = {}
-    if hyperparams == "float32-arrays":
-        kwargs = {
-            name: jnp.asarray(value, jnp.float32)
-            for name, value in {
-                "b1": 0.9,
-                "b2": 0.999,
-                "eps": 1e-8,
-                "eps_root": 0.0,
-            }.items()
-        }
+    if array is not None:
+        kwargs[array] = jnp.asarray(HYPERPARAMETERS[array], jnp.float32)
     theirs = optax.amsgrad(0.1, **kwargs)
     ours = pallas_amsgrad.amsgrad(0.1, **kwargs, implementation=implementation)
     params = {"w": jax.ShapeDtypeStruct((3, 130), param_dtype)}
