@@ -30,6 +30,18 @@ def test_mismatched_grad_shape_names_the_leaf(opt):
         jax.jit(opt.update).trace(grads, state)
 
 
+@pytest.mark.parametrize("moment", ["mu", "nu", "nu_max"])
+def test_mismatched_moment_names_the_moment(opt, moment):
+    amsgrad_state, *rest = opt.init(params())
+    bad = {"layer": {"w": jnp.ones((4, 3)), "b": jnp.zeros(2)}}
+    state = (amsgrad_state._replace(**{moment: bad}), *rest)
+    with pytest.raises(
+        ValueError,
+        match=rf"state\.{moment}\['layer'\]\['b'\] has shape \(2,\) but the gradient",
+    ):
+        jax.jit(opt.update).trace(params(), state)
+
+
 def test_mismatched_tree_structure(opt):
     state = opt.init(params())
     grads = {"layer": {"w": jnp.ones((4, 3))}}
