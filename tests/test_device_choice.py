@@ -94,6 +94,17 @@ def test_default_runs_the_kernel_on_tpu(monkeypatch):
     assert "pallas_call" in _step_jaxpr(monkeypatch, TPU, None)
 
 
+def test_default_on_tpu_takes_8_bit_rows_the_gpu_kernel_refuses(monkeypatch):
+    """8-bit state in rows too long for the GPU kernel to take whole: the
+    default on a TPU runs the TPU kernel on them, lowered for TPU alone (the
+    GPU kernel, which `Pallas()` also traces, refuses them)."""
+    monkeypatch.setattr(_implementations, "placed_device", lambda arrays: TPU)
+    params = {"w": jax.ShapeDtypeStruct((16, 50000), jnp.float32)}
+    opt = pallas_amsgrad.amsgrad(0.1, mu_dtype=jnp.int8)
+    state = jax.eval_shape(opt.init, params)
+    assert "pallas_call" in str(jax.make_jaxpr(opt.step)(params, state, params))
+
+
 def test_pallas_on_hopper_exports_the_mosaic_gpu_kernel(monkeypatch):
     """`"pallas"` traced for an sm_90 device lowers, for `cuda`, to Mosaic
     GPU custom calls; the default there, and anything for an sm_80 device,

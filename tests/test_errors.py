@@ -162,6 +162,19 @@ def test_complex_leaf_with_a_real_mu_dtype():
         opt.update(complex_params, state)
 
 
+def test_complex_first_moment_for_a_real_param():
+    """A complex mu (a state of complex params) for real gradients and params
+    would drop the update's imaginary part: refused, naming the moment."""
+    opt = pallas_amsgrad.amsgrad(0.1)
+    state = opt.init({"c": jnp.ones(3, jnp.complex64)})
+    real = {"c": jnp.ones(3)}
+    with pytest.raises(
+        TypeError,
+        match=r"state\.mu\['c'\] is complex \(complex64\) but params\['c'\] is real",
+    ):
+        opt.step(real, state, real)
+
+
 @pytest.mark.parametrize(
     "nu_dtype", [jnp.int8, jnp.uint16, "not-a-dtype", jnp.complex64], ids=str
 )
