@@ -354,8 +354,9 @@ def test_float32_leaves_under_x64(implementation):
 def test_float64_params_of_float32_moments_under_x64(implementation, weight_decay):
     """float32 gradients and moments for float64 params: `update` as the
     spec's, and `step` computes the moments as `update` does (in float32, or
-    with the decay, which reads the param, in float64 in both) and adds the update to the param in float64,
-    bit for bit `optax.apply_updates`, not to the param rounded to float32."""
+    with the decay, which reads the param, in float64 in both) and adds the
+    update to the param in float64, bit for bit `optax.apply_updates`, not to
+    the param rounded to float32."""
     with jax.enable_x64(True):
         # Steps of 2^-40 above 1: float32 would round every param to 1.
         params = {
