@@ -254,6 +254,30 @@ def test_output_dtypes_of_mixed_leaves_and_array_hyperparameters(
     assert two_steps(ours, fused=True) == [(p, s) for _, p, s in expected]
 
 
+@pytest.mark.parametrize("array", ["b1", "b2"])
+def test_float64_leaves_with_a_float32_array_decay_under_x64(implementation, array):
+    """A float32-array b1 or b2 makes a float32 bias correction; optax widens
+    it to the float64 moment before dividing, so its reciprocal is taken in
+    float64 (in float32 it would be ~1e-8 off, millions of float64 ULPs)."""
+    with jax.enable_x64(True):
+        kwargs = {array: jnp.asarray(HYPERPARAMETERS[array], jnp.float32)}
+        theirs = optax.amsgrad(0.01, **kwargs)
+        ours = pallas_amsgrad.amsgrad(0.01, **kwargs, implementation=implementation)
+        params = {"w": jnp.linspace(-1, 1, 2 * 130, dtype=jnp.float64).reshape(2, 130)}
+        ours_state, theirs_state = ours.init(params), theirs.init(params)
+        for s in range(3):
+            grads = jax.tree.map(lambda p, s=s: jnp.sin(7 * p + s), params)
+            updates, ours_state = jax.jit(ours.update)(grads, ours_state, params)
+            expected, theirs_state = theirs.update(grads, theirs_state, params)
+            tolerances.assert_trees_ulp_close(
+                (updates, ours_state),
+                (expected, theirs_state),
+                tolerances.IMPLEMENTATION_ULPS,
+                f"step {s}: ",
+            )
+            params = optax.apply_updates(params, updates)
+
+
 def _complex_tree(dtype, seed):
     key_real, key_imag = jax.random.split(jax.random.key(seed))
     real = jax.random.normal(key_real, (17, 130)) * (1 + 9 * (seed % 2))
