@@ -278,6 +278,35 @@ def test_float64_leaves_with_a_float32_array_decay_under_x64(implementation, arr
             params = optax.apply_updates(params, updates)
 
 
+def test_float32_leaves_are_unchanged_by_x64(implementation):
+    """x64 widens nothing of a float32 step (the hyperparameters are weakly
+    typed): `update` and `step`, decay included, are bit for bit x32's. Only
+    the bias corrections may differ, as optax's do (1 - b**count computed in
+    float64, then rounded): b1 and b2 here make them exact in float32."""
+    params = {"w": np.linspace(-1, 1, 2 * 130, dtype=np.float32).reshape(2, 130)}
+    grads = {"w": np.cos(7 * params["w"])}
+
+    def two_steps():
+        opt = pallas_amsgrad.amsgrad(
+            0.01,
+            b1=0.875,
+            b2=1 - 2**-10,
+            weight_decay=0.1,
+            implementation=implementation,
+        )
+        state = opt.init(params)
+        updates, state = jax.jit(opt.update)(grads, state, params)
+        updates, _ = jax.jit(opt.update)(grads, state, params)
+        new_params, _ = jax.jit(opt.step)(grads, state, params)
+        return jax.tree.map(np.asarray, (updates, new_params))
+
+    with jax.enable_x64(False):
+        expected = two_steps()
+    with jax.enable_x64(True):
+        actual = two_steps()
+    tolerances.assert_trees_equal(actual, expected)
+
+
 def _complex_tree(dtype, seed):
     key_real, key_imag = jax.random.split(jax.random.key(seed))
     real = jax.random.normal(key_real, (17, 130)) * (1 + 9 * (seed % 2))
