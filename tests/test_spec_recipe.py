@@ -77,3 +77,60 @@ def test_float32_recipe_equals_optax_composition_bitwise(mu_dtype, data):
                 jax.tree.map(np.testing.assert_array_equal, a_params, e_params)
             else:
                 tolerances.assert_trees_equal(a_params, e_params, context)
+
+
+def test_init_state_takes_each_option():
+    """`init_state` passes mu_dtype, nu_dtype and the quantization block to
+    `init`, and starts the finite guard with no errors and the last step
+    finite, as `optax.apply_if_finite` does."""
+    params = {"big": jnp.ones((8, 512), jnp.float32), "small": jnp.ones(3)}
+    guarded = spec.init_state(
+        params,
+        spec.Hyperparams(
+            0.1, mu_dtype=jnp.bfloat16, nu_dtype=jnp.float16, max_consecutive_errors=2
+        ),
+    )
+    assert isinstance(guarded, spec.FiniteGuardState)
+    for name in ("notfinite_count", "total_notfinite"):
+        assert getattr(guarded, name).dtype == jnp.int32
+        assert getattr(guarded, name) == 0
+    assert guarded.last_finite.dtype == jnp.bool_
+    assert guarded.last_finite
+    inner = guarded.inner_state
+    assert [x.dtype for x in jax.tree.leaves(inner.mu)] == [jnp.bfloat16] * 2
+    assert [x.dtype for x in jax.tree.leaves(inner.nu)] == [jnp.float16] * 2
+    assert [x.dtype for x in jax.tree.leaves(inner.nu_max)] == [jnp.float16] * 2
+
+    quantized = spec.init_state(
+        params,
+        spec.Hyperparams(
+            0.1, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, quantization_block=128
+        ),
+    )
+    assert isinstance(quantized, spec.AmsgradState)
+    for moment, codes in ((quantized.mu, jnp.int8), (quantized.nu, jnp.uint8)):
+        assert moment["big"].codes.dtype == codes
+        assert moment["big"].scales.shape == (8, 512 // 128)
+        assert moment["small"].dtype == jnp.float32  # Too small to quantize.
+
+
+def test_clip_at_exactly_its_bound_scales_as_optax():
+    """At norm == max_norm optax scales (its test is norm < max_norm), which
+    moves a last bit here."""
+    grads = {"w": jnp.array([3.0, 4.0, 0.3, 0.7, 1.1], jnp.float32)}
+    norm = spec.global_norm(grads)
+    clip = optax.clip_by_global_norm(float(norm))  # float32 -> float: exact.
+    expected, _ = clip.update(grads, clip.init(grads))
+    actual = {"w": spec.clip(grads["w"], norm, float(norm))}
+    assert not np.array_equal(expected["w"], grads["w"])
+    tolerances.assert_trees_equal(actual, expected)
+
+
+def test_global_norm_is_optaxs_in_float32_and_complex64_under_x64():
+    """x64 widens nothing: each leaf's sum is in its own compute dtype."""
+    with jax.enable_x64(True):
+        grads = {
+            "a": jnp.linspace(-1, 1, 33, dtype=jnp.float32) * 3.3,
+            "c": (jnp.linspace(0, 1, 7) * (1 + 2j)).astype(jnp.complex64),
+        }
+        tolerances.assert_trees_equal(spec.global_norm(grads), optax.tree.norm(grads))
