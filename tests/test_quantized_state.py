@@ -248,11 +248,13 @@ def test_skipped_step_keeps_codes_and_scales(implementation):
     assert int(new_state.notfinite_count) == 1
 
 
-def test_spec_step_agrees():
+@pytest.mark.parametrize("block", [256, 128])
+def test_spec_step_agrees(block):
     """The spec's quantized step (dequantize, its float step, quantize) and
-    the implementation's: the same codes except where a last-bit difference
-    of the float step crosses a rounding threshold, never more than one
-    code apart where the scales agree."""
+    the implementation's, at the default quantization block and another:
+    the same codes except where a last-bit difference of the float step
+    crosses a rounding threshold, never more than one code apart where the
+    scales agree."""
     rng = np.random.default_rng(1)
     params = {
         "w": jnp.asarray(rng.normal(size=(16, 300)), jnp.float32),
@@ -260,10 +262,16 @@ def test_spec_step_agrees():
         "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32),
     }
     hp = spec.Hyperparams(
-        0.01, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, stochastic_rounding=True, seed=5
+        0.01,
+        mu_dtype=jnp.int8,
+        nu_dtype=jnp.uint8,
+        stochastic_rounding=True,
+        seed=5,
+        quantization_block=block,
     )
     opt = optimizer(hp, "xla")
-    state, spec_state = opt.init(params), spec.init(params, jnp.int8, jnp.uint8)
+    state = opt.init(params)
+    spec_state = spec.init(params, jnp.int8, jnp.uint8, block)
     for step in range(STEPS):
         g = jax.tree.map(lambda p, s=step: jnp.sin((s + 2) * p * 100) * 0.1, params)
         _, spec_state = spec.step(g, spec_state, params, hp)
@@ -282,7 +290,7 @@ def test_spec_step_agrees():
                     continue
                 codes = np.asarray(ours.codes, np.int32)
                 same_scale = np.repeat(
-                    np.asarray(ours.scales == theirs.scales), 256, axis=-1
+                    np.asarray(ours.scales == theirs.scales), block, axis=-1
                 )[..., : codes.shape[-1]]
                 difference = np.abs(codes - np.asarray(theirs.codes, np.int32))
                 assert same_scale.mean() > 0.9, name

@@ -309,11 +309,13 @@ def test_compute_dtype_is_the_promoted_dtype_at_least_float32(x64):
             assert spec.compute_dtype(jnp.float64, jnp.float32) == jnp.float64
 
 
+@pytest.mark.parametrize("weight_decay", [None, 0.3], ids=["plain", "decayed"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_16_bit_leaves_are_computed_in_float32_and_rounded_once(dtype):
+def test_16_bit_leaves_are_computed_in_float32_and_rounded_once(dtype, weight_decay):
     """The precision rule, directly: a 16-bit leaf's outputs are the outputs
-    of the same values as float32 leaves, each rounded once to 16 bits."""
-    hp = spec.Hyperparams(learning_rate=0.01, eps=1e-3)
+    of the same values as float32 leaves, each rounded once to 16 bits (the
+    decay's term too: the param is read in float32)."""
+    hp = spec.Hyperparams(learning_rate=0.01, eps=1e-3, weight_decay=weight_decay)
     params = jnp.linspace(-3, 3, 41).astype(dtype)
     grads = [
         jnp.cos(7 * params.astype(jnp.float32) + s).astype(dtype) for s in range(2)
@@ -326,8 +328,10 @@ def test_16_bit_leaves_are_computed_in_float32_and_rounded_once(dtype):
             g.astype(jnp.float32), wide_state, params.astype(jnp.float32), hp
         )
         narrow = spec.step(g, narrow_state, params, hp)
-        wide_update = spec.update(g.astype(jnp.float32), wide_state, hp)[0]
-        narrow_update = spec.update(g, narrow_state, hp)[0]
+        wide_update = spec.update(
+            g.astype(jnp.float32), wide_state, hp, params.astype(jnp.float32)
+        )[0]
+        narrow_update = spec.update(g, narrow_state, hp, params)[0]
         rounded = jax.tree.map(
             lambda w, n: w.astype(n.dtype) if w.dtype != jnp.int32 else w,
             (wide, wide_update),

@@ -134,3 +134,15 @@ def test_global_norm_is_optaxs_in_float32_and_complex64_under_x64():
             "c": (jnp.linspace(0, 1, 7) * (1 + 2j)).astype(jnp.complex64),
         }
         tolerances.assert_trees_equal(spec.global_norm(grads), optax.tree.norm(grads))
+
+
+@pytest.mark.parametrize("callable_mask", [False, True], ids=["tree", "callable"])
+def test_decay_mask_spreads_each_flag_over_its_subtree(callable_mask):
+    """A mask (or a callable's) is a prefix of the gradients: each flag
+    covers its whole subtree, in the gradients' leaf order."""
+    grads = {"bias": jnp.ones(2), "layer": {"a": jnp.ones(3), "b": jnp.ones(())}}
+    mask = {"bias": False, "layer": True}
+    hp = spec.Hyperparams(
+        0.1, weight_decay=0.1, mask=(lambda _: mask) if callable_mask else mask
+    )
+    assert spec.decay_mask(grads, hp) == [False, True, True]
