@@ -26,6 +26,7 @@ from .amsgrad import (
     second_moment,
     step,
     storage_dtype,
+    store,
     update,
 )
 from .quantization import (
@@ -106,6 +107,7 @@ __all__ = [
     "step",
     "stochastic_round",
     "storage_dtype",
+    "store",
     "stream_key",
     "update",
 ]

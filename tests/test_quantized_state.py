@@ -248,10 +248,13 @@ def test_skipped_step_keeps_codes_and_scales(implementation):
     assert int(new_state.notfinite_count) == 1
 
 
-@pytest.mark.parametrize("block", [256, 128])
-def test_spec_step_agrees(block):
+@pytest.mark.parametrize(
+    "block, stochastic", [(256, True), (128, False)], ids=["256-stochastic", "128"]
+)
+def test_spec_step_agrees(block, stochastic):
     """The spec's quantized step (dequantize, its float step, quantize) and
-    the implementation's, at the default quantization block and another:
+    the implementation's, at the default quantization block with stochastic
+    rounding and at another block to nearest:
     the same codes except where a last-bit difference of the float step
     crosses a rounding threshold, never more than one code apart where the
     scales agree."""
@@ -265,7 +268,7 @@ def test_spec_step_agrees(block):
         0.01,
         mu_dtype=jnp.int8,
         nu_dtype=jnp.uint8,
-        stochastic_rounding=True,
+        stochastic_rounding=stochastic,
         seed=5,
         quantization_block=block,
     )

@@ -277,3 +277,17 @@ def test_jit_eager_and_x64_agree():
             np.testing.assert_array_equal(
                 np.asarray(eager).view(np.uint16), np.asarray(other).view(np.uint16)
             )
+
+
+def test_a_stored_leafs_elements_round_by_their_own_bits():
+    """`store` rounds each element of a 16-bit leaf by its own random bits:
+    of 4096 equal values a quarter of the way from 1 to the next bfloat16,
+    about a quarter round up (one bit for the whole leaf would move all or
+    none)."""
+    hp = spec.Hyperparams(0.1, stochastic_rounding=True, seed=3)
+    x = jnp.full((4096,), 1 + 2.0**-9, jnp.float32)
+    stored = spec.store(x, jnp.bfloat16, hp, jnp.int32(1), "['w']", spec.MU)
+    assert set(np.unique(np.asarray(stored, np.float32))) == {1.0, 1 + 2.0**-7}
+    up = int(np.sum(np.asarray(stored, np.float32) > 1))
+    n, p = x.size, 0.25
+    assert abs(up - n * p) <= 6 * math.sqrt(n * p * (1 - p)), up
