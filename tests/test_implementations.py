@@ -265,9 +265,10 @@ def test_float64_leaves_with_a_float32_array_decay_under_x64(implementation, arr
         ours = pallas_amsgrad.amsgrad(0.01, **kwargs, implementation=implementation)
         params = {"w": jnp.linspace(-1, 1, 2 * 130, dtype=jnp.float64).reshape(2, 130)}
         ours_state, theirs_state = ours.init(params), theirs.init(params)
+        update = jax.jit(ours.update)
         for s in range(3):
             grads = jax.tree.map(lambda p, s=s: jnp.sin(7 * p + s), params)
-            updates, ours_state = jax.jit(ours.update)(grads, ours_state, params)
+            updates, ours_state = update(grads, ours_state, params)
             expected, theirs_state = theirs.update(grads, theirs_state, params)
             tolerances.assert_trees_ulp_close(
                 (updates, ours_state),
@@ -294,9 +295,9 @@ def test_float32_leaves_are_unchanged_by_x64(implementation):
             weight_decay=0.1,
             implementation=implementation,
         )
-        state = opt.init(params)
-        updates, state = jax.jit(opt.update)(grads, state, params)
-        updates, _ = jax.jit(opt.update)(grads, state, params)
+        state, update = opt.init(params), jax.jit(opt.update)
+        updates, state = update(grads, state, params)
+        updates, _ = update(grads, state, params)
         new_params, _ = jax.jit(opt.step)(grads, state, params)
         return jax.tree.map(np.asarray, (updates, new_params))
 

@@ -254,10 +254,9 @@ def test_skipped_step_keeps_codes_and_scales(implementation):
 def test_spec_step_agrees(block, stochastic):
     """The spec's quantized step (dequantize, its float step, quantize) and
     the implementation's, at the default quantization block with stochastic
-    rounding and at another block to nearest:
-    the same codes except where a last-bit difference of the float step
-    crosses a rounding threshold, never more than one code apart where the
-    scales agree."""
+    rounding and at another block to nearest: the same codes except where a
+    last-bit difference of the float step crosses a rounding threshold, never
+    more than one code apart where the scales agree."""
     rng = np.random.default_rng(1)
     params = {
         "w": jnp.asarray(rng.normal(size=(16, 300)), jnp.float32),
